@@ -1,0 +1,146 @@
+"""Command line: ``driftcorr demo | correct | estimate | apply``.
+
+Exit codes: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .config import load_config_file, make_config
+from .errors import DriftcorrError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+def _reporting_errors(command):
+    """Turn expected errors into one line and exit code 2, unexpected ones into a short message and exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        verbose = click.get_current_context().find_root().params.get("verbose", False)
+        try:
+            return command(*args, **kwargs)
+        except DriftcorrError as error:
+            if verbose:
+                traceback.print_exc()
+            click.echo(f"driftcorr: error: {error}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as error:  # the last resort: never show a bare traceback to a user
+            if verbose:
+                traceback.print_exc()
+            click.echo(f"driftcorr: unexpected error: {type(error).__name__}: {error} "
+                       "(rerun with --verbose for the traceback)", err=True)
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="driftcorr")
+@click.option("--verbose", is_flag=True, help="Show tracebacks of errors.")
+def main(verbose: bool) -> None:
+    """Subpixel drift correction of long image time series stored in Zarr."""
+
+
+def _correction_options(command):
+    options = [
+        click.option("--mask", type=str, default=None,
+                     help="Valid-pixel mask: .npy, .tif, .png (nonzero = valid) or a Zarr array."),
+        click.option("--array", type=str, default=None, help="Array name inside an input group."),
+        click.option("--reference", type=str, default=None,
+                     help="Reference: frame index (default 0), mean:A:B or median:A:B."),
+        click.option("--upsample", "upsample_factor", type=float, default=None,
+                     help="Subpixel precision 1/K px (default 50)."),
+        click.option("--max-shift", type=int, default=None, help="Largest shift searched, px (default: frame/8)."),
+        click.option("--method", type=click.Choice(["ncc", "phase"]), default=None,
+                     help="Masked NCC (default) or phase correlation."),
+        click.option("--block-frames", type=int, default=None, help="Frames per task (default: from frame size)."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                     help="TOML or JSON file of options (command-line options win)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing driftcorr output."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _build_config(config_file, **cli_options):
+    options = load_config_file(config_file) if config_file else {}
+    options.update({key: value for key, value in cli_options.items() if value is not None})
+    return make_config(**options)
+
+
+def _run_correction(input, output, mask, config_file, overwrite, estimate_only, **options):
+    from .pipeline import correct
+
+    cfg = _build_config(config_file, **options)
+    result = correct(input, output, mask=mask, overwrite=overwrite, estimate_only=estimate_only, config=cfg)
+    n_valid = int(result["valid"].sum())
+    click.echo(f"wrote {output}: {result.sizes['frame']} frames, {n_valid} valid, "
+               f"{result.sizes['frame'] - n_valid} flagged")
+
+
+@main.command()
+@click.argument("input")
+@click.argument("output")
+@_correction_options
+@click.option("--order", "interpolation_order", type=int, default=None, help="Spline order of the shift (3).")
+@_reporting_errors
+def correct(input, output, mask, config_file, overwrite, **options):
+    """Estimate the drift of INPUT and write shifts and the corrected stack to OUTPUT."""
+    _run_correction(input, output, mask, config_file, overwrite, False, **options)
+
+
+@main.command()
+@click.argument("input")
+@click.argument("output")
+@_correction_options
+@_reporting_errors
+def estimate(input, output, mask, config_file, overwrite, **options):
+    """Estimate the drift of INPUT and write shifts and quality (no corrected stack) to OUTPUT."""
+    _run_correction(input, output, mask, config_file, overwrite, True, **options)
+
+
+@main.command()
+@click.argument("input")
+@click.argument("drift")
+@click.argument("output")
+@click.option("--array", type=str, default=None, help="Array name inside an input group.")
+@click.option("--order", "interpolation_order", type=int, default=3, show_default=True,
+              help="Spline order of the shift.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing driftcorr output.")
+@_reporting_errors
+def apply(input, drift, output, array, interpolation_order, overwrite):
+    """Shift the frames of INPUT by the drift stored in DRIFT and write OUTPUT."""
+    from .pipeline import apply_stored_drift
+
+    apply_stored_drift(input, drift, output, array=array, interpolation_order=interpolation_order,
+                       overwrite=overwrite)
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-output", show_default=True,
+              help="Folder for raw.zarr and corrected.zarr.")
+@click.option("--frames", "n_frames", type=click.IntRange(min=10), default=240, show_default=True)
+@click.option("--size", type=click.IntRange(min=64), default=256, show_default=True, help="Frame side, px.")
+@click.option("--seed", type=int, default=2026, show_default=True)
+@_reporting_errors
+def demo(out_dir, n_frames, size, seed):
+    """Correct a realistic synthetic run and print its accuracy against the known truth."""
+    from .demo import run_demo
+
+    run_demo(out_dir, n_frames=n_frames, size=size, seed=seed, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

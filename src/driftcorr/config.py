@@ -1,0 +1,86 @@
+"""Validated, frozen configuration of a correction (the edge layer: files and options become keywords here)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+
+class CorrectionConfig(BaseModel):
+    """Every option that changes the result of a correction.
+
+    Unknown keys are refused. The same object is stored in the output's attributes.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reference: str = Field("0", description="frame index, or mean:A:B / median:A:B")
+    upsample_factor: float = Field(50.0, ge=1, description="subpixel precision is 1/upsample_factor px")
+    max_shift: int | None = Field(None, ge=1, description="largest shift searched per axis, px (default: 1/8 frame)")
+    method: Literal["ncc", "phase"] = "ncc"
+    min_overlap: float = Field(0.3, gt=0, le=1)
+    min_ncc: float = Field(0.1, ge=-1, le=1, description="frames correlating worse are flagged invalid")
+    interpolation_order: int = Field(3, ge=0, le=5, description="spline order used to shift frames")
+    block_frames: int | None = Field(None, ge=1, description="frames per task (default: from the frame size)")
+    array: str | None = Field(None, description="array name inside an input group")
+
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _reference_as_text(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("must be a frame index or mean:A:B / median:A:B")
+        return str(value) if isinstance(value, int) else value
+
+    def digest(self) -> str:
+        """Short hash of the options that change the result."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _explain(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "configuration"
+    if first["type"] == "extra_forbidden":
+        known = ", ".join(CorrectionConfig.model_fields)
+        return f"unknown configuration key {key!r}; known keys: {known}"
+    return f"invalid value for {key!r}: {first['msg']} (got {first.get('input')!r})"
+
+
+def make_config(**options) -> CorrectionConfig:
+    """Build a validated configuration from keyword options (``None`` values are left at their defaults).
+
+    Raises
+    ------
+    ConfigError
+        Naming the unknown key or the invalid value.
+    """
+    given = {key: value for key, value in options.items() if value is not None}
+    try:
+        return CorrectionConfig(**given)
+    except ValidationError as error:
+        raise ConfigError(_explain(error)) from None
+
+
+def load_config_file(path) -> dict:
+    """Read a TOML or JSON configuration file into a dict of options.
+
+    Options may sit at the top level or in a ``[correction]`` table.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {str(path)!r} does not exist")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"cannot read configuration file {str(path)!r}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration file {str(path)!r} must hold a table of options")
+    return dict(data.get("correction", data))
