@@ -240,13 +240,6 @@ def make_plan(
     return plan
 
 
-def _window(maps: np.ndarray, max_shift: tuple[int, ...]) -> np.ndarray:
-    """Cut the lags ``-D..D`` of each axis out of circular correlation maps (lag ``-D`` first)."""
-    ndim = len(max_shift)
-    index = np.ix_(*[np.arange(-d, d + 1) % n for d, n in zip(max_shift, maps.shape[-ndim:], strict=True)])
-    return maps[(Ellipsis, *index)]
-
-
 def _ncc_from_terms(n, sf, sff, sg, sgg, sfg, min_count):
     """Masked NCC from its correlation terms; NaN where the overlap is too small or has no contrast."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -538,7 +531,6 @@ def _dft_matrices(pad_shape, centres: np.ndarray, h: np.ndarray, dtype):
 
 def _evaluate_stencil(plan, spectra, static_spec, active, centres, h):
     """Correlation surface of the active frames on their 3**ndim stencils, from exact DFT evaluation."""
-    ndim = plan.ndim
     complex_dtype = spectra.dtype
     mats = _dft_matrices(plan.pad_shape, centres, h, complex_dtype)
     own = spectra if active.size == spectra.shape[0] else spectra[active]

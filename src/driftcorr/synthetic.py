@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
 
 __all__ = ["SyntheticRun", "make_run"]
 
@@ -29,6 +28,8 @@ _POISSON_EXACT_BELOW = 20.0
 _LUT_PER_PX = 64
 # Relative radii of the first Debye-Scherrer rings of an fcc metal (hkl = 111, 200, 220, 311, 222, 400).
 _FCC_RING_RATIOS = np.sqrt(np.array([3.0, 4.0, 8.0, 11.0, 12.0, 16.0]) / 3.0)
+# Number of terms of the smooth random walk of the drift (shortest wavelength ~ 1/6 of the run).
+_WALK_TERMS = 12
 # Components of the run-level random stream (independent children of the seed; frames use spawn key (1, t)).
 _GEOMETRY, _TRAJECTORY, _INTENSITY, _BAD_FRAMES, _STREAKS, _DEFECTS = range(6)
 
@@ -47,7 +48,7 @@ def _readonly(a: np.ndarray, dtype: type | np.dtype) -> np.ndarray:
     return out
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class SyntheticRun:
     """Parameters and per-frame truth of a synthetic UED run.
 
@@ -185,6 +186,24 @@ class SyntheticRun:
         if self.jump_frame is not None and not 0 < self.jump_frame < n:
             raise ValueError(f"`jump_frame` must be None or in [1, {n}) (got {self.jump_frame})")
 
+    def __repr__(self) -> str:
+        return (
+            f"SyntheticRun(n_frames={self.n_frames}, shape={self.shape}, seed={self.seed}, "
+            f"counts={self.counts}, pedestal={self.pedestal}, jump_frame={self.jump_frame}, "
+            f"n_beam_off={int(self.beam_off.sum())}, n_cosmic={int(self.cosmic.sum())}, noise={self.noise})"
+        )
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_static", None)  # rendering cache: rebuilt on demand, not shipped to workers
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for value in state.values():
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+        self.__dict__.update(state)
+
     # ------------------------------------------------------------------ truth
     @property
     def n_frames(self) -> int:
@@ -305,8 +324,8 @@ class SyntheticRun:
             np.floor(r, out=a)
             np.copyto(idx, a, casting="unsafe")
             r -= a  # fractional position between table samples
-            profile.astype(np.float32).take(idx, out=img)
-            slope.astype(np.float32).take(idx, out=b)
+            profile.astype(np.float32).take(idx, out=img, mode="clip")
+            slope.astype(np.float32).take(idx, out=b, mode="clip")
             b *= r
             img += b
             centre = np.array([cy, cx])
@@ -535,9 +554,11 @@ def make_run(
 
     # --- trajectory: slow smooth drift + optional persistent jump ---
     rng = _component_rng(seed, _TRAJECTORY)
-    walk = np.cumsum(rng.standard_normal((n, 2)), axis=0)
-    walk = gaussian_filter1d(walk, sigma=max(1.0, n / 25.0), axis=0, mode="nearest")
     u = np.linspace(0.0, 1.0, n)[:, None]
+    # Smooth random walk: the first terms of the Karhunen-Loeve expansion of a Wiener process on [0, 1]
+    # (cost O(n), same path shape for any n).
+    kl = (np.arange(_WALK_TERMS) + 0.5) * np.pi
+    walk = (np.sin(u * kl) / kl) @ rng.standard_normal((_WALK_TERMS, 2))
     freq = rng.uniform(0.3, 1.0, 2)
     phase = rng.uniform(0.0, 2.0 * np.pi, 2)
     sinus = np.sin(2.0 * np.pi * freq * u + phase)
@@ -560,7 +581,8 @@ def make_run(
 
     # --- bad frames: never frame 0 nor the (candidate) jump frame; beam-off and cosmic disjoint ---
     rng = _component_rng(seed, _BAD_FRAMES)
-    candidates = np.array([t for t in range(1, n) if t != candidate_jump], dtype=np.intp)
+    candidates = np.arange(1, n, dtype=np.intp)
+    candidates = candidates[candidates != candidate_jump]
     if n_beam_off + n_cosmic > len(candidates):
         raise ValueError(
             f"a run of {n} frames has room for {len(candidates)} bad frames (not frame 0 nor the jump "
