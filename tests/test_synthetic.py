@@ -264,3 +264,12 @@ def test_tiny_runs() -> None:
     assert one.jump_frame is None and one.stack().shape == (1, 32, 32)
     two = make_run(2, (32, 32), n_beam_off=0, n_cosmic=0)
     assert two.jump_frame == 1
+
+
+def test_pickles_for_workers(run: SyntheticRun, stack: np.ndarray) -> None:
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(run))
+    np.testing.assert_array_equal(clone.frames(20, 25), stack[20:25])
+    assert not clone.centres.flags.writeable
+    assert "n_frames=60" in repr(run)
