@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import dask.array as da
@@ -246,5 +247,7 @@ def write_output(dataset: xr.Dataset, output, *, attrs: dict, block_frames: int)
     group = zarr.open_group(location, mode="r+")
     group.attrs["status"] = STATUS_COMPLETE
     # Consolidated metadata lets ``xarray.open_zarr(OUTPUT)`` open the finished output in one read.
-    zarr.consolidate_metadata(location)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(location)
     return location
