@@ -15,7 +15,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from . import store
 from .config import CorrectionConfig, make_config
@@ -26,6 +26,15 @@ from .trajectory import fill_invalid, flag_frames
 from .warp import shift_frames
 
 _QUALITY = ("ncc", "overlap", "second_peak")
+_THREADPOOLS: ThreadpoolController | None = None
+
+
+def _blas_pools() -> ThreadpoolController:
+    """The process's BLAS/OpenMP pools, inspected once (inspection costs milliseconds)."""
+    global _THREADPOOLS
+    if _THREADPOOLS is None:
+        _THREADPOOLS = ThreadpoolController()
+    return _THREADPOOLS
 
 
 def _resolve_config(config: CorrectionConfig | None, **options) -> CorrectionConfig:
@@ -65,7 +74,9 @@ def as_stack(stack, *, array: str | None = None, block_frames: int | None = None
         data = np.asarray(data)
     store.validate_stack_shape(data.shape, data.dtype, "stack")
     blocks = store.block_frames_for(data.shape[1:], block_frames)
-    data = da.asarray(data).rechunk((blocks, *data.shape[1:]))
+    chunks = (blocks, *data.shape[1:])
+    # name=False: no hashing of a large in-memory stack just to name it.
+    data = data.rechunk(chunks) if isinstance(data, da.Array) else da.from_array(data, chunks=chunks, name=False)
     dims = ("frame", *store.SPATIAL_DIMS[data.ndim - 1])
     coords.setdefault("frame", ("frame", np.arange(data.shape[0])))
     return xr.DataArray(data, dims=dims, coords=coords, name="frames", attrs=attrs)
@@ -87,7 +98,8 @@ def _mask_array(mask, frame_shape: tuple[int, ...]) -> np.ndarray | None:
 
 def _register_block(block: np.ndarray, plan, upsample_factor: float) -> np.ndarray:
     """Register one block of frames; returns (n, 2 * ndim + 3): shift, sigma, ncc, overlap, second peak."""
-    with threadpool_limits(limits=1, user_api="blas"):
+    # Each task owns one thread: BLAS inside it (the DFT matrix products) must not start its own pool.
+    with _blas_pools().limit(limits=1, user_api="blas"):
         result = register_frames(plan, block, upsample_factor=upsample_factor, workers=1)
     columns = [result.shift, result.sigma] + [getattr(result, name)[:, None] for name in _QUALITY]
     return np.concatenate(columns, axis=1)

@@ -32,9 +32,8 @@ METHODS = ("ncc", "phase")
 
 #: Calibration factor of the uncertainty model (see :func:`_sigma_from_curvature`).
 SIGMA_SCALE = 1.0
-_STAGE_ZOOM = 8.0
-_FIRST_STENCIL = 1.0 / 8.0
-_MAX_STAGES = 12
+_MAX_NEWTON = 8
+_TRUST_RADIUS = 0.5
 _FLAT_RELATIVE = 1e-6
 
 
@@ -436,87 +435,60 @@ def _quadratic_step(values: np.ndarray, h: float):
     return step, grad, hess, f0
 
 
-def _stencil_grid_argmax(values: np.ndarray) -> np.ndarray:
-    """Offset (-1, 0 or 1 per axis) of the best stencil point, per frame."""
-    n = values.shape[0]
-    flat = np.where(np.isfinite(values), values, -np.inf).reshape(n, -1)
-    return np.stack(np.unravel_index(np.argmax(flat, axis=1), values.shape[1:]), axis=1) - 1
-
-
 def _refine(plan, spectra, static_spec, surface, peak, lag, ok, upsample_factor):
-    """Staged Newton refinement of the integer peak on the exact band-limited correlation.
+    """Newton iterations on the exact band-limited correlation surface, from the integer peak.
 
     Returns shift (n, ndim), peak value (n,) and Hessian of the surface at the peak (n, ndim, ndim) per px².
     """
     n_frames, ndim = lag.shape
-    # Stage 0: Newton step on the integer-lag neighbourhood of the peak, when it lies inside the window.
+    # Start: a quadratic through the integer-lag neighbourhood of the peak, when it lies inside the window.
     hood = np.full((n_frames,) + (3,) * ndim, np.nan)
     inside = np.all((peak >= 1) & (peak <= np.asarray(surface.shape[1:]) - 2), axis=1) & ok
     offsets = np.stack(np.meshgrid(*[np.arange(-1, 2)] * ndim, indexing="ij"), axis=-1)
     for i in np.flatnonzero(inside):
-        idx = tuple(np.moveaxis(peak[i] + offsets, -1, 0))
-        hood[i] = surface[i][idx]
-    step, _, hess, value = _quadratic_step(hood, 1.0)
+        hood[i] = surface[i][tuple(np.moveaxis(peak[i] + offsets, -1, 0))]
+    step, _, hess, _ = _quadratic_step(hood, 1.0)
     value = np.where(ok, surface.reshape(n_frames, -1).max(axis=1), np.nan)
     usable = np.isfinite(step).all(axis=1) & (np.abs(step) <= 0.5).all(axis=1)
     centre = lag + np.where(usable[:, None], step, 0.0)
     if upsample_factor <= 1:
         return np.where(ok[:, None], np.round(lag), np.nan), value, hess
 
-    h = np.full(n_frames, _FIRST_STENCIL)
-    done = ~ok
-    target = 1.0 / upsample_factor
-    for _ in range(_MAX_STAGES):
-        active = np.flatnonzero(~done)
+    tolerance = 1.0 / upsample_factor
+    limit = np.asarray(plan.max_shift, dtype=np.float64)
+    active = np.flatnonzero(ok)
+    for _ in range(_MAX_NEWTON):
         if active.size == 0:
             break
-        values = _evaluate_stencil(plan, spectra, static_spec, active, centre[active], h[active])
-        step_a, _, hess_a, f0_a = _quadratic_step_varh(values, h[active])
-        accepted = np.isfinite(step_a).all(axis=1) & (np.abs(step_a) <= h[active, None]).all(axis=1)
-        # Rejected: move to the best stencil point and search again at the same spacing.
-        moved = _stencil_grid_argmax(values) * h[active, None]
-        centre[active] = centre[active] + np.where(accepted[:, None], step_a, moved)
-        value[active] = np.where(accepted, f0_a + 0.5 * np.einsum("ni,ni->n", _grad_of(values, h[active]),
-                                                                  np.nan_to_num(step_a)), f0_a)
-        hess[active] = np.where(accepted[:, None, None], hess_a, hess[active])
-        finished = accepted & (h[active] <= target)
-        done[active[finished]] = True
-        h[active[accepted & ~finished]] /= _STAGE_ZOOM
-        # A stencil that wandered out of the search window is given up (keeps the last estimate).
-        out = np.any(np.abs(centre[active]) > np.asarray(plan.max_shift), axis=1)
-        done[active[out]] = True
+        jet = _surface_jet(plan, spectra, static_spec, active, centre[active])
+        v, g, h = jet
+        concave = np.all(np.isfinite(h), axis=(1, 2)) & np.all(np.isfinite(g), axis=1) & np.isfinite(v)
+        concave[concave] &= np.all(np.linalg.eigvalsh(h[concave]) < 0, axis=1)
+        safe_h = np.where(concave[:, None, None], h, -np.eye(ndim))
+        newton = -np.linalg.solve(safe_h, np.nan_to_num(g)[..., None])[..., 0]
+        # Outside the concave region climb along the gradient; never jump more than the trust radius.
+        climb = np.nan_to_num(g) / np.maximum(np.linalg.norm(np.nan_to_num(g), axis=1, keepdims=True), 1e-300)
+        move = np.where(concave[:, None], newton, _TRUST_RADIUS * climb)
+        move *= np.minimum(1.0, _TRUST_RADIUS / np.maximum(np.abs(move).max(axis=1, keepdims=True), 1e-300))
+        centre[active] = np.clip(centre[active] + move, -limit, limit)
+        value[active] = np.where(concave, v + 0.5 * np.einsum("ni,ni->n", np.nan_to_num(g), move), v)
+        hess[active] = np.where(concave[:, None, None], h, hess[active])
+        converged = concave & (np.abs(move).max(axis=1) < tolerance)
+        active = active[~converged & np.isfinite(v)]
     return np.where(ok[:, None], centre, np.nan), value, hess
 
 
-def _grad_of(values: np.ndarray, h: np.ndarray) -> np.ndarray:
-    ndim = values.ndim - 1
-    centre = (1,) * ndim
-    grad = np.empty((values.shape[0], ndim))
-    for a in range(ndim):
-        plus = list(centre)
-        minus = list(centre)
-        plus[a], minus[a] = 2, 0
-        grad[:, a] = (values[(slice(None), *plus)] - values[(slice(None), *minus)]) / (2 * h)
-    return grad
+def _dft_matrices(pad_shape, centres: np.ndarray, dtype):
+    """Per-axis matrices evaluating an inverse DFT and its first two derivatives at ``centres``.
 
-
-def _quadratic_step_varh(values: np.ndarray, h: np.ndarray):
-    """:func:`_quadratic_step` with a spacing per frame."""
-    step, grad, hess, f0 = _quadratic_step(values, 1.0)
-    step = step * h[:, None]
-    grad = grad / h[:, None]
-    hess = hess / (h[:, None, None] ** 2)
-    return step, grad, hess, f0
-
-
-def _dft_matrices(pad_shape, centres: np.ndarray, h: np.ndarray, dtype):
-    """Per-axis matrices evaluating an inverse DFT at ``centre + h * (-1, 0, 1)`` (last axis: real FFT)."""
+    Row 0 evaluates the interpolant, rows 1 and 2 its first and second derivative along that axis. The last
+    axis is a real FFT axis (Hermitian half spectrum).
+    """
     ndim = len(pad_shape)
     mats = []
     for a, p in enumerate(pad_shape):
-        points = centres[:, a, None] + h[:, None] * np.arange(-1, 2)  # (n, 3)
         if a == ndim - 1:
-            freq = np.arange(p // 2 + 1)
+            freq = np.arange(p // 2 + 1, dtype=np.float64)
             weight = np.full(freq.size, 2.0)
             weight[0] = 1.0
             if p % 2 == 0:
@@ -524,24 +496,75 @@ def _dft_matrices(pad_shape, centres: np.ndarray, h: np.ndarray, dtype):
         else:
             freq = sfft.fftfreq(p, 1.0 / p)
             weight = np.ones(p)
-        phase = np.exp(2j * np.pi * points[:, :, None] * freq[None, None, :] / p) * weight
-        mats.append(phase.astype(dtype))
+        omega = 2j * np.pi * freq / p
+        base = np.exp(centres[:, a, None] * omega[None, :]) * weight
+        mats.append(np.stack([base, base * omega, base * omega**2], axis=1).astype(dtype))
     return mats
 
 
-def _evaluate_stencil(plan, spectra, static_spec, active, centres, h):
-    """Correlation surface of the active frames on their 3**ndim stencils, from exact DFT evaluation."""
-    complex_dtype = spectra.dtype
-    mats = _dft_matrices(plan.pad_shape, centres, h, complex_dtype)
+def _jet_from_derivatives(d: np.ndarray):
+    """(value, gradient, Hessian) from an array of mixed derivatives ``d[..., a0, a1, ...]`` (orders 0-2)."""
+    ndim = d.ndim - 1
+    zero = (0,) * ndim
+    value = d[(slice(None), *zero)]
+    grad = np.empty((d.shape[0], ndim))
+    hess = np.empty((d.shape[0], ndim, ndim))
+    for i in range(ndim):
+        order = list(zero)
+        order[i] = 1
+        grad[:, i] = d[(slice(None), *order)]
+        for j in range(ndim):
+            order = list(zero)
+            order[i] += 1
+            order[j] += 1
+            hess[:, i, j] = d[(slice(None), *order)]
+    return value, grad, hess
+
+
+def _jet_mul(a, b):
+    return (a[0] * b[0], a[1] * b[0][:, None] + b[1] * a[0][:, None],
+            a[2] * b[0][:, None, None] + b[2] * a[0][:, None, None]
+            + np.einsum("ni,nj->nij", a[1], b[1]) + np.einsum("ni,nj->nij", b[1], a[1]))
+
+
+def _jet_sub(a, b):
+    return a[0] - b[0], a[1] - b[1], a[2] - b[2]
+
+
+def _jet_pow(a, exponent: float):
+    v = a[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f0 = v**exponent
+        f1 = exponent * v ** (exponent - 1)
+        f2 = exponent * (exponent - 1) * v ** (exponent - 2)
+    return f0, a[1] * f1[:, None], a[2] * f1[:, None, None] + np.einsum("ni,nj->nij", a[1], a[1]) * f2[:, None, None]
+
+
+def _surface_jet(plan, spectra, static_spec, active, centres):
+    """Value, gradient and Hessian of the correlation surface at ``centres``, from exact DFT evaluation.
+
+    Each correlation term and its derivatives come from matrix-multiply DFTs of its spectrum; the masked NCC's
+    derivatives follow by the chain rule, so no finite difference of nearly equal numbers is ever taken.
+    """
+    mats = _dft_matrices(plan.pad_shape, centres, spectra.dtype)
     own = spectra if active.size == spectra.shape[0] else spectra[active]
-    terms = _dft_eval(own, mats)  # (n, n_terms, 3, ..., 3)
+    terms = _dft_eval(own, mats)  # (n, n_terms, 3, ..., 3): derivative orders per axis
     if static_spec is not None:
         terms = np.concatenate([_dft_eval(static_spec, mats), terms], axis=1)
-    scale = 1.0 / float(np.prod(plan.pad_shape))
-    terms = terms * scale
+    terms = terms.astype(np.float64) / float(np.prod(plan.pad_shape))
+    jets = [_jet_from_derivatives(terms[:, t]) for t in range(terms.shape[1])]
     if plan.method == "phase":
-        return terms[:, 0]
-    return _ncc_from_terms(*np.moveaxis(terms, 1, 0), plan.min_overlap * plan.n_reference)
+        return jets[0]
+    n, sf, sff, sg, sgg, sfg = jets
+    small = n[0] < plan.min_overlap * plan.n_reference
+    inv_n = _jet_pow(n, -1.0)
+    num = _jet_sub(sfg, _jet_mul(_jet_mul(sf, sg), inv_n))
+    vf = _jet_sub(sff, _jet_mul(_jet_mul(sf, sf), inv_n))
+    vg = _jet_sub(sgg, _jet_mul(_jet_mul(sg, sg), inv_n))
+    flat = (vf[0] <= _FLAT_RELATIVE * np.abs(sff[0])) | (vg[0] <= _FLAT_RELATIVE * np.abs(sgg[0])) | small
+    value, grad, hess = _jet_mul(num, _jet_pow(_jet_mul(vf, vg), -0.5))
+    value = np.where(flat, np.nan, value)
+    return value, grad, hess
 
 
 def _dft_eval(spec: np.ndarray, mats: list[np.ndarray]) -> np.ndarray:
