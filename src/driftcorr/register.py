@@ -26,6 +26,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
 
+from .defects import FillPlan, fill_pixels, plan_fill
 from .errors import InputError
 
 METHODS = ("ncc", "phase")
@@ -77,6 +78,7 @@ class ReferencePlan:
     dtype: np.dtype
     reference_mask: np.ndarray
     moving_mask: np.ndarray
+    fill: FillPlan
     spec_f: np.ndarray
     spec_mf: np.ndarray
     spec_f2: np.ndarray
@@ -123,24 +125,22 @@ def _as_mask(mask, frame_shape: tuple[int, ...], name: str) -> np.ndarray:
     return mask
 
 
-def _centred(frames: np.ndarray, mask: np.ndarray, dtype, ndim: int) -> np.ndarray:
-    """Frames as ``dtype`` with the valid-pixel mean removed and invalid pixels zeroed.
+def _centred(frames: np.ndarray, mask: np.ndarray, dtype, ndim: int, fill: FillPlan | None = None) -> np.ndarray:
+    """Frames as ``dtype`` with isolated defects filled, the valid-pixel mean removed and invalid pixels zeroed.
 
-    The trailing ``ndim`` axes are spatial; ``mask`` is one mask for all frames or one per frame.
+    The trailing ``ndim`` axes are spatial; ``mask`` is one mask for all frames or one per frame. The mean is
+    accumulated in float64 so a frame's result does not depend on the batch it is registered in.
     """
     out = np.array(frames, dtype=dtype, copy=True)
     flat = out.reshape(*out.shape[: out.ndim - ndim], -1)
+    if fill is not None:
+        fill_pixels(flat.reshape(-1, flat.shape[-1]), fill)
     mask_flat = mask.reshape(*mask.shape[: mask.ndim - ndim], -1)
-    if mask_flat.ndim == 1:
-        weights = mask_flat.astype(np.float64)
-        mean = (flat @ weights.astype(dtype)).astype(np.float64) / max(weights.sum(), 1.0)
-        flat -= mean.astype(dtype)[..., None]
-        if not mask_flat.all():
-            flat *= mask_flat
-    else:
+    if not mask_flat.all():
         flat *= mask_flat
-        count = np.maximum(mask_flat.sum(axis=-1), 1)
-        flat -= (flat.sum(axis=-1, dtype=np.float64) / count).astype(dtype)[..., None]
+    count = np.maximum(mask_flat.sum(axis=-1), 1)
+    flat -= (flat.sum(axis=-1, dtype=np.float64) / count).astype(dtype)[..., None]
+    if not mask_flat.all():
         flat *= mask_flat
     return out
 
@@ -198,7 +198,11 @@ def make_plan(
     ref_mask = _as_mask(reference_mask, frame_shape, "reference_mask")
     mov_mask = ref_mask if moving_mask is None else _as_mask(moving_mask, frame_shape, "moving_mask")
     shifts = _as_max_shift(max_shift, frame_shape)
-    pad = tuple(sfft.next_fast_len(n + d, real=True) for n, d in zip(frame_shape, shifts, strict=True))
+    if method == "phase":
+        pad = tuple(frame_shape)  # circular, like scikit-image: whitening would amplify a zero-padding step
+    else:
+        pad = tuple(sfft.next_fast_len(n + d, real=True) for n, d in zip(frame_shape, shifts, strict=True))
+    fill = plan_fill(mov_mask)
     axes = tuple(range(-len(frame_shape), 0))
     if not np.all(np.isfinite(reference[ref_mask])):
         raise InputError("reference has NaN or infinite values at valid pixels; mask them or pick another reference")
@@ -207,7 +211,7 @@ def make_plan(
     spec_f = sfft.rfftn(f, s=pad, axes=axes, workers=workers)
     spec_mf = sfft.rfftn(ref_mask.astype(np.float64), s=pad, axes=axes, workers=workers)
     spec_f2 = sfft.rfftn(f * f, s=pad, axes=axes, workers=workers)
-    spec_mg = sfft.rfftn(mov_mask.astype(np.float64), s=pad, axes=axes, workers=workers)
+    spec_mg = sfft.rfftn(fill.mask.astype(np.float64), s=pad, axes=axes, workers=workers)
     complex_dtype = np.result_type(dtype, np.complex64)
     if method == "ncc":
         # Overlap count, reference sum and reference sum of squares over the overlap: frame-independent.
@@ -225,6 +229,7 @@ def make_plan(
         dtype=dtype,
         reference_mask=ref_mask,
         moving_mask=mov_mask,
+        fill=fill,
         spec_f=spec_f.astype(complex_dtype),
         spec_mf=spec_mf.astype(complex_dtype),
         spec_f2=spec_f2.astype(complex_dtype),
@@ -296,11 +301,11 @@ def register_frames(
     per_frame_masks = masks is not None
     if per_frame_masks:
         masks = np.broadcast_to(np.asarray(masks, dtype=bool), frames.shape)
-    mask = masks if per_frame_masks else plan.moving_mask
+    mask = masks if per_frame_masks else plan.fill.mask
 
     finite = np.isfinite(frames).all(axis=axes) if frames.dtype.kind == "f" else np.ones(n_frames, bool)
     frames = np.where(np.isfinite(frames), frames, 0) if not finite.all() else frames
-    g = _centred(frames, mask, plan.dtype, ndim)
+    g = _centred(frames, mask, plan.dtype, ndim, fill=None if per_frame_masks else plan.fill)
     spec_g = _rfft_padded(g, pad, workers)
     if plan.method == "phase":
         product = plan.spec_f * spec_g.conj()
