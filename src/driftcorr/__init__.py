@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .errors import ConfigError, DriftcorrError, InputError, OutputError, OutputExistsError
 from .pipeline import apply_drift, correct, estimate_drift
-from .register import RegistrationResult, register
+from .registration import RegistrationResult, register
 from .store import open_stack
 
 try:

@@ -92,5 +92,6 @@ def fill_pixels(flat_frames: np.ndarray, fill: FillPlan) -> None:
     """
     if fill.targets.size == 0:
         return
-    values = np.einsum("nkw,kw->nk", flat_frames[:, fill.sources], fill.weights.astype(flat_frames.dtype))
+    # float64 accumulation: a frame's filled values do not depend on how many frames share the call.
+    values = np.einsum("nkw,kw->nk", flat_frames[:, fill.sources], fill.weights, dtype=np.float64)
     flat_frames[:, fill.targets] = values

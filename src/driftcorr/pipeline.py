@@ -1,7 +1,7 @@
 """The only module that builds Dask graphs: estimate drift block-wise, apply it lazily, correct a stored stack.
 
 Each function is a thin layer around the NumPy kernels: a block of whole frames goes to
-:func:`driftcorr.register.register_frames` or :func:`driftcorr.warp.shift_frames`; the reference plan enters the
+:func:`driftcorr.registration.register_frames` or :func:`driftcorr.warp.shift_frames`; the reference plan enters the
 graph once, as a single key every block depends on.
 """
 
@@ -21,7 +21,7 @@ from . import store
 from .config import CorrectionConfig, make_config
 from .errors import InputError
 from .reference import combine_frames, parse_reference
-from .register import make_plan, register_frames
+from .registration import make_plan, register_frames
 from .trajectory import fill_invalid, flag_frames
 from .warp import shift_frames
 

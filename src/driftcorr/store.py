@@ -191,7 +191,7 @@ def read_status(path_or_url) -> str | None:
 
 
 def prepare_output(output, *, input_location: str | None, overwrite: bool) -> str:
-    """Check that the output may be written, removing a previous driftcorr output when asked to.
+    """Check that the output may be written; nothing is deleted here (see :func:`remove_previous_output`).
 
     Raises
     ------
@@ -215,7 +215,6 @@ def prepare_output(output, *, input_location: str | None, overwrite: bool) -> st
         if read_status(out_path) is None:
             raise OutputError(f"output {location!r} exists and is not a driftcorr output; refusing to delete it, "
                               "choose another output")
-        shutil.rmtree(out_path)
     parent = out_path.parent
     if not parent.exists():
         try:
@@ -225,6 +224,16 @@ def prepare_output(output, *, input_location: str | None, overwrite: bool) -> st
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder {str(parent)!r} is not writable; choose another output")
     return location
+
+
+def remove_previous_output(output) -> None:
+    """Delete a previous driftcorr output at ``output`` (call only once the new result is ready to be written)."""
+    location = _location(output)
+    if _is_remote(location) or not Path(location).exists():
+        return
+    if read_status(location) is None:
+        raise OutputError(f"output {location!r} is not a driftcorr output; refusing to delete it")
+    shutil.rmtree(location)
 
 
 def write_output(dataset: xr.Dataset, output, *, attrs: dict, block_frames: int) -> str:
@@ -243,6 +252,7 @@ def write_output(dataset: xr.Dataset, output, *, attrs: dict, block_frames: int)
     for name, variable in ds.data_vars.items():
         if "frame" in variable.dims and variable.ndim >= 3:
             encoding[name] = {"chunks": (block_frames, *variable.shape[1:])}
+    remove_previous_output(location)
     ds.to_zarr(location, mode="w-", zarr_format=3, consolidated=False, encoding=encoding)
     group = zarr.open_group(location, mode="r+")
     group.attrs["status"] = STATUS_COMPLETE

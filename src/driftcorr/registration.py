@@ -360,7 +360,10 @@ def register_frames(
     sigma[~ok] = np.nan
     value = np.where(ok, value, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        second_ratio = np.where(ok & (peak_value > 0), second / peak_value, np.nan)
+        # No other local maximum in the window: no competitor at all, ratio 0.
+        second_ratio = np.where(ok & (peak_value > 0), np.nan_to_num(second / peak_value, nan=0.0), np.nan)
+    if plan.method == "ncc":
+        value = np.clip(value, -1.0, 1.0)  # the interpolated surface can overshoot 1 by a hair
     return RegistrationResult(shift=shift, sigma=sigma, ncc=value, overlap=np.where(ok, overlap, np.nan),
                               second_peak=second_ratio)
 
