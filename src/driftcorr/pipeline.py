@@ -82,17 +82,10 @@ def as_stack(stack, *, array: str | None = None, block_frames: int | None = None
     return xr.DataArray(data, dims=dims, coords=coords, name="frames", attrs=attrs)
 
 
-def _mask_array(mask, frame_shape: tuple[int, ...]) -> np.ndarray | None:
-    if mask is None:
-        return None
+def _mask_array(mask, frame_shape: tuple[int, ...]):
+    """A mask given as a path is read here; its shape and content are checked by ``make_plan``."""
     if isinstance(mask, str | os.PathLike):
         return store.load_mask(mask, frame_shape)
-    mask = np.asarray(mask)
-    if mask.shape != frame_shape:
-        raise InputError(f"mask has shape {mask.shape} but frames are {frame_shape}")
-    mask = mask.astype(bool)
-    if not mask.any():
-        raise InputError("mask marks no pixel as valid (all False); True = pixel used")
     return mask
 
 
@@ -201,10 +194,6 @@ def _drift_dataset(frames, *, shift, raw_shift, sigma, valid, quality, reference
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-def _shift_block(block: np.ndarray, shifts: np.ndarray, order: int) -> np.ndarray:
-    return shift_frames(block, shifts, order=order)
-
-
 def _shift_table(drift, n_frames: int) -> np.ndarray:
     if isinstance(drift, str | os.PathLike):
         drift = xr.open_zarr(os.fspath(drift), consolidated=False)
@@ -247,7 +236,7 @@ def apply_drift(stack, drift, *, interpolation_order: int = 3, block_frames: int
         raise InputError(f"drift has {shifts.shape[1]} axes but frames have {ndim}")
     shift_chunks = da.from_array(shifts, chunks=(frames.data.chunks[0], (ndim,)))
     index = "t" + string.ascii_lowercase[:ndim]
-    data = da.blockwise(_shift_block, index, frames.data, index, shift_chunks, "tA", concatenate=True,
+    data = da.blockwise(shift_frames, index, frames.data, index, shift_chunks, "tA", concatenate=True,
                         dtype=np.float32, order=interpolation_order, meta=np.empty((0,) * (ndim + 1), np.float32))
     return xr.DataArray(data, dims=frames.dims, coords=frames.coords, name="corrected",
                         attrs={"long_name": "drift-corrected frames", "units": "counts"})
