@@ -32,6 +32,10 @@ QUALITY = ("sigma", "ncc", "overlap", "second_peak")
 ACCURACY = 0.1  # px, RMS on good frames of a realistic synthetic run
 
 
+#: The pipeline options under which it must equal the eager loop below (no sample-based steps).
+AS_LOOP = {"reference": 0, "detect_defects": False}
+
+
 def _numpy_loop(frames, mask, **plan_options):
     """The eager reference: one plan from frame 0, then each frame registered on its own."""
     plan = make_plan(frames[0], reference_mask=mask, **plan_options)
@@ -73,7 +77,7 @@ def test_estimate_drift_equals_numpy_loop(kind, equivalence_data):
         "dask": lambda: da.from_array(frames, chunks=(7, 128, 128)),
         "xarray": lambda: xr.DataArray(frames, dims=("t", "row", "col")),
     }[kind]()
-    ds = estimate_drift(stack, mask=mask)
+    ds = estimate_drift(stack, mask=mask, **AS_LOOP)
     _assert_matches_loop(ds, expected)
     assert ds.sizes["frame"] == frames.shape[0]
     np.testing.assert_array_equal(ds["frame"].values, np.arange(frames.shape[0]))
@@ -83,8 +87,17 @@ def test_estimate_drift_equals_numpy_loop(kind, equivalence_data):
 @pytest.mark.parametrize("block_frames", [3, 16])
 def test_block_size_does_not_change_the_result(block_frames, equivalence_data):
     frames, mask, expected = equivalence_data
-    ds = estimate_drift(frames, mask=mask, block_frames=block_frames)
+    ds = estimate_drift(frames, mask=mask, block_frames=block_frames, **AS_LOOP)
     _assert_matches_loop(ds, expected)
+
+
+@pytest.mark.parametrize("block_frames", [3, 16])
+def test_block_size_does_not_change_the_default_result(block_frames, drift_run, drift_stack):
+    """Defect detection and the iterative reference read a sample independent of the blocks."""
+    expected = estimate_drift(drift_stack, mask=drift_run.beam_block, block_frames=8)
+    ds = estimate_drift(drift_stack, mask=drift_run.beam_block, block_frames=block_frames)
+    for name in ("raw_shift", "sigma", "ncc", "valid", "reference", "mask", "defects"):
+        np.testing.assert_array_equal(ds[name].values, expected[name].values, err_msg=name)
 
 
 def test_input_kinds_and_path_agree(stored_inputs, drift_run, drift_stack):
@@ -121,20 +134,14 @@ def test_estimate_drift_accuracy_on_synthetic_run(drift_run, drift_stack):
     assert valid[good].mean() > 0.9
     # Flagged frames get an interpolated (finite) shift; raw_shift keeps what was measured.
     assert np.all(np.isfinite(ds["shift"].values))
-    # The reference frame registers onto itself.
-    np.testing.assert_allclose(ds["shift"].values[0], [0, 0], atol=1e-3)
+    # The default iterative reference is anchored on frame 0 (a good frame here).
+    assert ds.attrs["reference_frame"] == 0
+    assert "iterative" in ds["reference"].attrs["long_name"]
     assert ds["reference"].dims == ("y", "x") and ds["mask"].dtype == bool
+    # The given mask holds the hot and dead pixels already: nothing more is found.
     np.testing.assert_array_equal(ds["mask"].values, drift_run.mask)
-    np.testing.assert_array_equal(ds["reference"].values, drift_stack[0])
 
 
-@pytest.mark.xfail(
-    reason="MISSING (issue 4, frame-local outlier taming): a cosmic-ray frame is trusted (valid=True) "
-    "with a 0.56 px error (demo run, seed 2026): "
-    "nothing tames frame-local outliers before correlating (DESIGN §4 Robustness) and trajectory.flag_frames "
-    "only looks at the peak NCC, which the streak barely lowers",
-    strict=True,
-)
 def test_cosmic_ray_frame_is_accurate_or_flagged():
     run = make_run(40, (128, 128), seed=2026)
     ds = estimate_drift(run.stack(), mask=run.mask)
@@ -143,12 +150,6 @@ def test_cosmic_ray_frame_is_accurate_or_flagged():
         assert not ds["valid"].values[t] or error[t] <= ACCURACY, f"frame {t}: trusted, error {error[t]:.3f} px"
 
 
-@pytest.mark.xfail(
-    reason="MISSING (issue 4, DESIGN §4 Robustness): hot/dead pixels are not detected from the stack. With only the "
-    "beam-block masked, the run's 3 hot pixels (of 16384) lock every frame onto zero shift (RMS 5.6 px) and "
-    "all frames are still flagged valid (trajectory.flag_frames sees a high NCC)",
-    strict=True,
-)
 def test_unmasked_hot_pixels_do_not_lock_onto_zero(drift_run, drift_stack):
     assert drift_run.hot_pixels.any()
     ds = estimate_drift(drift_stack, mask=drift_run.beam_block)  # the beam-block only, as a user would draw it
@@ -279,7 +280,7 @@ def test_correct_output_contract(corrected_output, stored_inputs, drift_stack):
     assert ds["mask"].dtype == bool
     assert np.issubdtype(ds["frame"].dtype, np.integer)
     np.testing.assert_array_equal(ds["frame"].values, np.arange(n))
-    for name in ("shift", "sigma", "ncc", "valid", "corrected", "reference", "mask"):
+    for name in ("shift", "sigma", "ncc", "valid", "corrected", "reference", "reference_mask", "mask", "defects"):
         assert ds[name].attrs.get("long_name"), f"{name} has no long_name"
     for name in ("ncc", "corrected", "reference"):
         assert "units" in ds[name].attrs, f"{name} has no units"
@@ -288,7 +289,7 @@ def test_correct_output_contract(corrected_output, stored_inputs, drift_stack):
     assert ds.attrs["input"] == stored_inputs["v3"]
     config = ds.attrs["config"]
     config = json.loads(config) if isinstance(config, str) else config
-    assert config["upsample_factor"] == 50 and config["method"] == "ncc" and config["reference"] == "0"
+    assert config["upsample_factor"] == 50 and config["method"] == "ncc" and config["reference"] == "iterative"
     # correct() returns the written output.
     xr.testing.assert_identical(returned.load(), ds.load())
 
@@ -398,7 +399,8 @@ def test_group_with_two_stacks_needs_array(tmp_path, small_run):
     np.testing.assert_array_equal(open_stack(location, array="dark").values, frames[:, ::-1])
     with pytest.raises(InputError, match="nope"):
         open_stack(location, array="nope")
-    out = correct(location, tmp_path / "out.zarr", array="raw", mask=small_run.mask, estimate_only=True)
+    out = correct(location, tmp_path / "out.zarr", array="raw", mask=small_run.mask, estimate_only=True,
+                  reference=0)
     np.testing.assert_array_equal(out["reference"].values, frames[0])
 
 

@@ -21,11 +21,13 @@ class CorrectionConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    reference: str = Field("0", description="frame index, or mean:A:B / median:A:B")
+    reference: str = Field("iterative", description="frame index, iterative[:A:B], mean:A:B or median:A:B")
     upsample_factor: float = Field(50.0, ge=1, description="subpixel precision is 1/upsample_factor px")
     max_shift: int | None = Field(None, ge=1, description="largest shift searched per axis, px (default: 1/8 frame)")
     method: Literal["ncc", "phase"] = "ncc"
     min_overlap: float = Field(0.3, gt=0, le=1)
+    detect_defects: bool = Field(True, description="find hot, dead, stuck (and, without a mask, unlit) pixels")
+    tame_outliers: bool = Field(True, description="leave out cosmic-ray streaks and other frame-local outliers")
     min_ncc: float = Field(0.1, ge=-1, le=1, description="frames correlating worse are flagged invalid")
     interpolation_order: int = Field(3, ge=0, le=5, description="spline order used to shift frames")
     block_frames: int | None = Field(None, ge=1, description="frames per task (default: from the frame size)")
@@ -35,7 +37,7 @@ class CorrectionConfig(BaseModel):
     @classmethod
     def _reference_as_text(cls, value):
         if isinstance(value, bool):
-            raise ValueError("must be a frame index or mean:A:B / median:A:B")
+            raise ValueError("must be a frame index, iterative, or mean:A:B / median:A:B / iterative:A:B")
         return str(value) if isinstance(value, int) else value
 
     def digest(self) -> str:

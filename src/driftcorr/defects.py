@@ -95,3 +95,219 @@ def fill_pixels(flat_frames: np.ndarray, fill: FillPlan) -> None:
     # float64 accumulation: a frame's filled values do not depend on how many frames share the call.
     values = np.einsum("nkw,kw->nk", flat_frames[:, fill.sources], fill.weights, dtype=np.float64)
     flat_frames[:, fill.targets] = values
+
+
+#: Codes of :attr:`DefectMap.codes` (CF ``flag_values``/``flag_meanings``).
+DEFECT_CODES = {"good": 0, "masked": 1, "hot": 2, "dead": 3, "stuck": 4, "unlit": 5}
+#: A pixel is a defect when it misbehaves in at least this fraction of the lit sample frames.
+_PERSISTENT = 0.75
+#: Frames whose signal is below this fraction of the sample's median signal are dark (beam off) or blank.
+_LIT_FRACTION = 0.5
+#: Unlit regions smaller than this many pixels are left to the hot/dead rules.
+_MIN_UNLIT_REGION = 50
+
+
+@dataclass(frozen=True, eq=False)
+class DefectMap:
+    """Static pixel defects found from the temporal statistics of a sample of frames.
+
+    Attributes
+    ----------
+    codes : ndarray of uint8, frame shape
+        Per pixel: 0 good, 1 masked by the user, 2 hot, 3 dead, 4 stuck, 5 unlit (see :data:`DEFECT_CODES`).
+    n_frames : int
+        Lit frames the statistics were taken over.
+    """
+
+    codes: np.ndarray
+    n_frames: int
+
+    @property
+    def mask(self) -> np.ndarray:
+        """True where the pixel is used for registration."""
+        return self.codes == DEFECT_CODES["good"]
+
+    def counts(self) -> dict[str, int]:
+        """Number of pixels of each kind."""
+        return {name: int(np.count_nonzero(self.codes == code)) for name, code in DEFECT_CODES.items()}
+
+
+def _noise_scale(x: np.ndarray, ndim: int) -> np.ndarray:
+    """Robust per-frame noise from differences of neighbouring pixels (a smooth pattern hardly contributes)."""
+    diff = np.diff(x, axis=-1).reshape(x.shape[0], -1)
+    return 1.4826 * np.median(np.abs(diff), axis=1) / np.sqrt(2.0)
+
+
+def lit_frames(frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which frames saw the beam: finite, and with a signal of at least half the median frame's.
+
+    Parameters
+    ----------
+    frames : array_like, shape (n, *frame_shape)
+
+    Returns
+    -------
+    lit : ndarray of bool, shape (n,)
+    dark : ndarray, shape (n,)
+        Dark level of each frame (1st percentile; NaN for non-finite frames).
+    signal : ndarray, shape (n,)
+        99th percentile minus the dark level.
+    """
+    flat = np.asarray(frames, dtype=np.float64).reshape(len(frames), -1)
+    finite = np.isfinite(flat).all(axis=1)
+    dark = np.full(len(flat), np.nan)
+    signal = np.full(len(flat), np.nan)
+    if finite.any():
+        dark[finite] = np.percentile(flat[finite], 1, axis=1)
+        signal[finite] = np.percentile(flat[finite], 99, axis=1) - dark[finite]
+    lit = finite.copy()
+    if finite.any():
+        lit[finite] = (signal[finite] > 0) & (signal[finite] >= _LIT_FRACTION * np.median(signal[finite]))
+    return lit, dark, signal
+
+
+def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persistent: float = _PERSISTENT,
+                   unlit_level: float = 0.02) -> DefectMap:
+    """Find hot, dead, stuck and never-lit pixels from a sample of frames spread over a run.
+
+    The pattern drifts and its intensity changes, but detector defects and the beam-block stay where they are.
+    With ``x`` a frame minus its dark level (1st percentile) and ``s`` its noise, a pixel is
+
+    - *hot* when ``x > 2 max(neighbours) + 5 s`` (a Bragg spot peak is at most ~1.4x its neighbours),
+    - *dead* when ``x < min(neighbours) / 2 - 5 s``,
+    - *unlit* (the beam-block and other regions that never see the beam) when ``x`` stays within
+      ``max(5 s, unlit_level * (99th percentile of x))`` of the dark level, in a connected region of at least
+      50 pixels, grown by one pixel for its penumbra,
+
+    in at least a fraction ``persistent`` of the lit frames; and *stuck* when its value never changes while the
+    frame does. Dark (beam-off), blank and non-finite frames are left out of the statistics.
+
+    Parameters
+    ----------
+    sample : array_like, shape (n, *frame_shape)
+        Frames from across the run (a few tens are enough).
+    mask : array_like of bool, optional
+        Pixels the user already marked valid (True); the others are coded 1 and not examined.
+    find_unlit : bool, optional
+        Look for unlit regions; default: only when no ``mask`` is given (a user's mask is trusted to cover the
+        beam-block, and dim parts of the pattern still carry a little information).
+    persistent : float
+        Fraction of lit frames in which a pixel must misbehave to be a defect.
+    unlit_level : float
+        Signal level, relative to the frame's 99th percentile, below which a pixel counts as unlit.
+
+    Returns
+    -------
+    DefectMap
+    """
+    sample = np.asarray(sample, dtype=np.float64)
+    ndim = sample.ndim - 1
+    frame_shape = sample.shape[1:]
+    user = np.ones(frame_shape, bool) if mask is None else np.asarray(mask, dtype=bool)
+    codes = np.where(user, DEFECT_CODES["good"], DEFECT_CODES["masked"]).astype(np.uint8)
+    lit, dark, signal = lit_frames(sample)
+    if lit.sum() < 2:
+        return DefectMap(codes=codes, n_frames=int(lit.sum()))
+    x = sample[lit] - dark[lit].reshape((-1,) + (1,) * ndim)
+    noise = np.maximum(_noise_scale(x, ndim), 1e-12 * np.maximum(signal[lit], 1.0))
+    margin = (5.0 * noise).reshape((-1,) + (1,) * ndim)
+    footprint = np.ones((1,) + (3,) * ndim, dtype=bool)
+    footprint[(0,) + (1,) * ndim] = False
+    high = ndi.maximum_filter(x, footprint=footprint, mode="nearest")
+    low = ndi.minimum_filter(x, footprint=footprint, mode="nearest")
+    hot = np.mean(x > 2.0 * high + margin, axis=0) >= persistent
+    dead = np.mean(x < 0.5 * low - margin, axis=0) >= persistent
+    frame_changes = np.ptp(x.reshape(len(x), -1), axis=0).max() > 0
+    stuck = (np.ptp(x, axis=0) == 0) & frame_changes & ~hot & ~dead
+    if find_unlit is None:
+        find_unlit = mask is None
+    level = np.maximum(margin, unlit_level * signal[lit].reshape(margin.shape))
+    dim = np.mean(x < level, axis=0) >= max(persistent, 0.9)
+    labels, _ = ndi.label(dim)
+    sizes = np.bincount(labels.ravel())
+    unlit = dim & (sizes[labels] >= _MIN_UNLIT_REGION) & (labels > 0) & find_unlit
+    unlit = ndi.binary_dilation(unlit, structure=ndi.generate_binary_structure(ndim, ndim)) & ~hot & ~dead & ~stuck
+    for name, found in (("unlit", unlit), ("stuck", stuck), ("dead", dead), ("hot", hot)):
+        codes[found & user] = DEFECT_CODES[name]
+    return DefectMap(codes=codes, n_frames=int(lit.sum()))
+
+
+@dataclass(frozen=True)
+class IntensityLevels:
+    """Intensity levels of a reference over its valid pixels, used to recognize frame-local outliers.
+
+    Attributes
+    ----------
+    floor : float
+        Dark level (1st percentile).
+    mean : float
+        Mean.
+    peak : float
+        Brightest valid pixel.
+    """
+
+    floor: float
+    mean: float
+    peak: float
+
+
+#: Pixels brighter than this multiple of the reference's brightest signal (scaled to the frame) are outliers.
+OUTLIER_FACTOR = 2.0
+#: Outlier pixels are grown by this many pixels to cover the tails of a streak.
+OUTLIER_GROWTH = 3
+
+
+def intensity_levels(image, mask) -> IntensityLevels:
+    """Dark level, mean and peak of ``image`` over the pixels where ``mask`` is True."""
+    values = np.asarray(image, dtype=np.float64)[np.asarray(mask, dtype=bool)]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return IntensityLevels(np.nan, np.nan, np.nan)
+    return IntensityLevels(float(np.percentile(values, 1)), float(values.mean()), float(values.max()))
+
+
+def find_outliers(frames, mask, levels: IntensityLevels, *, factor: float = OUTLIER_FACTOR,
+                  growth: int = OUTLIER_GROWTH) -> np.ndarray:
+    """Frame-local outliers (cosmic-ray streaks, saturated lines): pixels far brighter than the pattern can be.
+
+    A frame ``g`` with valid-pixel mean ``m`` is the reference's pattern scaled by ``a = (m - floor) /
+    (mean - floor)`` (beam current), give or take the changes of single rings. Its pixels above
+    ``floor + factor * a * (peak - floor) + 8 sqrt(a * (peak - floor))`` cannot come from the pattern; they are
+    grown by ``growth`` pixels so the streak's tails go with them.
+
+    Parameters
+    ----------
+    frames : array_like, shape (n, *frame_shape)
+    mask : array_like of bool, frame shape
+        Pixels that are examined (True); static defects are excluded here.
+    levels : IntensityLevels
+        Of the reference (:func:`intensity_levels`).
+    factor : float
+        Headroom over the brightest pattern pixel.
+    growth : int
+        Dilation of the outliers, px.
+
+    Returns
+    -------
+    ndarray of bool, shape (n, *frame_shape)
+        True at outlier pixels.
+    """
+    frames = np.asarray(frames)
+    mask = np.asarray(mask, dtype=bool)
+    ndim = mask.ndim
+    flat = frames.reshape(len(frames), -1)
+    count = max(int(mask.sum()), 1)
+    mean = np.where(mask.ravel(), flat, 0).sum(axis=1, dtype=np.float64) / count
+    span = levels.peak - levels.floor
+    scale = np.clip((mean - levels.floor) / max(levels.mean - levels.floor, 1e-12), 0.0, None)
+    ceiling = levels.floor + factor * scale * span + 8.0 * np.sqrt(np.maximum(scale * span, 1.0))
+    if not np.isfinite(span) or span <= 0:
+        return np.zeros(frames.shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        outliers = (frames > ceiling.reshape((-1,) + (1,) * ndim)) & mask
+    if growth > 0:
+        hit = np.flatnonzero(outliers.reshape(len(frames), -1).any(axis=1))
+        structure = ndi.generate_binary_structure(ndim, ndim)
+        for i in hit:
+            outliers[i] = ndi.binary_dilation(outliers[i], structure=structure, iterations=growth) & mask
+    return outliers

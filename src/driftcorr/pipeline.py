@@ -19,13 +19,16 @@ from threadpoolctl import ThreadpoolController
 
 from . import store
 from .config import CorrectionConfig, make_config
+from .defects import DEFECT_CODES, DefectMap, detect_defects
 from .errors import InputError
-from .reference import combine_frames, parse_reference
-from .registration import make_plan, register_frames
+from .reference import combine_frames, iterative_reference, parse_reference
+from .registration import check_mask, make_plan, register_frames
 from .trajectory import fill_invalid, flag_frames
 from .warp import shift_frames
 
 _QUALITY = ("ncc", "overlap", "second_peak")
+#: Frames read to find defects and build the iterative reference.
+SAMPLE_FRAMES = 32
 _THREADPOOLS: ThreadpoolController | None = None
 
 
@@ -98,26 +101,70 @@ def _register_block(block: np.ndarray, plan, upsample_factor: float) -> np.ndarr
     return np.concatenate(columns, axis=1)
 
 
-def make_reference(frames: xr.DataArray, reference) -> tuple[np.ndarray, str]:
-    """Compute the reference image of a stack from a specification (see :mod:`driftcorr.reference`)."""
+def sample_indices(start: int, stop: int, max_frames: int = SAMPLE_FRAMES) -> np.ndarray:
+    """Up to ``max_frames`` frame indices spread evenly over ``start..stop-1``, both ends included."""
+    count = min(max_frames, stop - start)
+    return np.unique(np.linspace(start, stop - 1, count).round().astype(np.intp))
+
+
+def _read_frames(frames: xr.DataArray, index: np.ndarray) -> np.ndarray:
+    return np.asarray(frames.data[index].compute())
+
+
+def find_defects(frames: xr.DataArray, user_mask, *, detect: bool = True) -> DefectMap:
+    """Static defects of a stack from a sample of its frames (:func:`driftcorr.defects.detect_defects`).
+
+    With ``detect`` False only the user's mask is taken (coded 1 where False).
+    """
+    frame_shape = tuple(frames.shape[1:])
+    if user_mask is not None:
+        user_mask = check_mask(user_mask, frame_shape)
+    if not detect:
+        valid = np.ones(frame_shape, bool) if user_mask is None else user_mask
+        return DefectMap(codes=np.where(valid, 0, DEFECT_CODES["masked"]).astype(np.uint8), n_frames=0)
+    sample = _read_frames(frames, sample_indices(0, frames.shape[0]))
+    return detect_defects(sample, user_mask)
+
+
+def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shift=None):
+    """Build the reference image of a stack from a specification (see :mod:`driftcorr.reference`).
+
+    Returns
+    -------
+    image : ndarray
+    image_mask : ndarray of bool
+        Valid pixels of the reference.
+    label : str
+        The specification, with the anchor frame of an iterative reference.
+    anchor : int
+        Frame whose coordinates the reference lies in (the first frame of a range).
+    """
     spec = parse_reference(reference, frames.shape[0])
-    selected = np.asarray(frames.data[spec.start:spec.stop].compute())
+    if spec.kind == "iterative":
+        index = sample_indices(spec.start, spec.stop)
+        built = iterative_reference(_read_frames(frames, index), mask, max_shift=max_shift)
+        anchor = int(index[built.anchor])
+        label = f"{spec}: {built.n_frames} aligned frames averaged, anchored on frame {anchor}"
+        return built.image, built.mask, label, anchor
+    selected = _read_frames(frames, np.arange(spec.start, spec.stop))
     image = combine_frames(selected, spec.kind)
-    if not np.all(np.isfinite(image)):
+    if not np.all(np.isfinite(image[mask])):
         raise InputError(f"reference {spec} contains NaN or infinite pixels; choose another reference frame")
-    return image, str(spec)
+    return image, mask, str(spec), spec.start
 
 
 def estimate_drift(
     stack,
     *,
     mask=None,
-    reference: int | str = 0,
+    reference: int | str | None = None,
     upsample_factor: float | None = None,
     max_shift: int | None = None,
     method: str | None = None,
     min_overlap: float | None = None,
     min_ncc: float | None = None,
+    detect_defects: bool | None = None,
+    tame_outliers: bool | None = None,
     block_frames: int | None = None,
     array: str | None = None,
     config: CorrectionConfig | None = None,
@@ -130,9 +177,10 @@ def estimate_drift(
         Frames along the first axis (a path/URL is opened with :func:`driftcorr.open_stack`).
     mask : array_like of bool or path, optional
         Valid pixels (True = used), frame shape, shared by every frame (e.g. the beam-block).
-    reference : int or str
-        Frame index, ``mean:A:B`` or ``median:A:B``.
-    upsample_factor, max_shift, method, min_overlap, min_ncc, block_frames, array
+    reference : int or str, optional
+        ``iterative`` (default), ``iterative:A:B``, a frame index, ``mean:A:B`` or ``median:A:B``
+        (see :mod:`driftcorr.reference`).
+    upsample_factor, max_shift, method, min_overlap, min_ncc, detect_defects, tame_outliers, block_frames, array
         See :class:`driftcorr.config.CorrectionConfig`; None keeps the default.
     config : CorrectionConfig, optional
         A validated configuration; replaces all the keyword options above.
@@ -141,17 +189,22 @@ def estimate_drift(
     -------
     xarray.Dataset
         ``shift``, ``sigma`` (frame, axis), ``ncc``, ``valid``, ``overlap``, ``second_peak``, ``raw_shift``,
-        ``reference``, ``mask``; computed (in memory).
+        ``reference``, ``reference_mask``, ``mask`` (the user's mask without the detected defects) and
+        ``defects`` (why each pixel is left out); computed (in memory).
     """
     cfg = _resolve_config(config, reference=reference, upsample_factor=upsample_factor, max_shift=max_shift,
-                          method=method, min_overlap=min_overlap, min_ncc=min_ncc, block_frames=block_frames,
-                          array=array)
+                          method=method, min_overlap=min_overlap, min_ncc=min_ncc, detect_defects=detect_defects,
+                          tame_outliers=tame_outliers, block_frames=block_frames, array=array)
     frames = as_stack(stack, array=cfg.array, block_frames=cfg.block_frames)
     frame_shape = tuple(frames.shape[1:])
-    valid_mask = _mask_array(mask, frame_shape)
-    image, reference_label = make_reference(frames, cfg.reference)
-    plan = make_plan(image, reference_mask=valid_mask, max_shift=cfg.max_shift, method=cfg.method,
-                     min_overlap=cfg.min_overlap)
+    defects = find_defects(frames, _mask_array(mask, frame_shape), detect=cfg.detect_defects)
+    if not defects.mask.any():
+        raise InputError("no pixel is left to register once the mask and the detected defects are removed; "
+                         "check the mask (True marks the pixels to use)")
+    image, image_mask, reference_label, anchor = make_reference(frames, cfg.reference, defects.mask,
+                                                                max_shift=cfg.max_shift)
+    plan = make_plan(image, reference_mask=image_mask, moving_mask=defects.mask, max_shift=cfg.max_shift,
+                     method=cfg.method, min_overlap=cfg.min_overlap, tame_outliers=cfg.tame_outliers)
     ndim = len(frame_shape)
     plan_key = dask.delayed(plan, pure=True)
     table = frames.data.map_blocks(
@@ -162,13 +215,15 @@ def estimate_drift(
     raw_shift = values[:, :ndim]
     sigma = values[:, ndim:2 * ndim]
     quality = {name: values[:, 2 * ndim + i] for i, name in enumerate(_QUALITY)}
-    valid = flag_frames(raw_shift, quality["ncc"], min_ncc=cfg.min_ncc)
+    valid = flag_frames(raw_shift, quality["ncc"], min_ncc=cfg.min_ncc, max_shift=plan.max_shift)
     shift = fill_invalid(raw_shift, valid)
     return _drift_dataset(frames, shift=shift, raw_shift=raw_shift, sigma=sigma, valid=valid, quality=quality,
-                          reference=image, mask=plan.reference_mask, reference_label=reference_label, cfg=cfg)
+                          reference=image, reference_mask=image_mask, defects=defects,
+                          reference_label=reference_label, anchor=anchor, cfg=cfg)
 
 
-def _drift_dataset(frames, *, shift, raw_shift, sigma, valid, quality, reference, mask, reference_label, cfg):
+def _drift_dataset(frames, *, shift, raw_shift, sigma, valid, quality, reference, reference_mask, defects,
+                   reference_label, anchor, cfg):
     spatial = frames.dims[1:]
     coords = {name: coord for name, coord in frames.coords.items() if coord.dims == ("frame",)}
     coords["axis"] = ("axis", np.array(spatial, dtype=object))
@@ -187,10 +242,16 @@ def _drift_dataset(frames, *, shift, raw_shift, sigma, valid, quality, reference
                         {"long_name": "second-highest NCC peak relative to the peak", "units": "1"}),
         "reference": (spatial, reference.astype(np.float32),
                       {"long_name": f"reference image ({reference_label})", "units": "counts"}),
-        "mask": (spatial, np.asarray(mask, dtype=bool), {"long_name": "pixel used for registration"}),
+        "reference_mask": (spatial, np.asarray(reference_mask, dtype=bool),
+                           {"long_name": "valid pixel of the reference"}),
+        "mask": (spatial, defects.mask, {"long_name": "pixel used for registration"}),
+        "defects": (spatial, defects.codes, {
+            "long_name": "why a pixel is not used", "flag_values": np.array(list(DEFECT_CODES.values()), np.uint8),
+            "flag_meanings": " ".join(DEFECT_CODES), "frames_examined": defects.n_frames}),
     }
     attrs = {"driftcorr_version": version("driftcorr"), "config": cfg.model_dump(mode="json"),
-             "config_digest": cfg.digest(), "input": frames.attrs.get("source", "in-memory array")}
+             "config_digest": cfg.digest(), "input": frames.attrs.get("source", "in-memory array"),
+             "reference_frame": int(anchor)}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
@@ -247,7 +308,7 @@ def correct(
     output,
     *,
     mask=None,
-    reference: int | str = 0,
+    reference: int | str | None = None,
     upsample_factor: float | None = None,
     max_shift: int | None = None,
     method: str | None = None,

@@ -1,7 +1,13 @@
-"""Choosing the reference frame (pure NumPy kernels).
+"""Choosing and building the reference (pure NumPy kernels).
 
-A reference is written as a frame index (``0``, ``-1``) or a combination of a frame range,
-``mean:A:B`` or ``median:A:B`` (frames A to B-1, Python slice semantics).
+A reference is written as
+
+- a frame index (``0``, ``-1``);
+- ``mean:A:B`` or ``median:A:B``: the mean or median of frames A to B-1 (Python slice semantics), as they are;
+- ``iterative`` or ``iterative:A:B`` (the default): a sample of frames spread over the run (or over frames A to
+  B-1) is registered onto its first good frame, the aligned frames are averaged, and the sample is registered
+  again onto that average, :data:`ITERATIONS` times. The result lies in the coordinates of that first good frame
+  (the *anchor*), is far less noisy than one frame, and does not depend on frame 0 being good.
 """
 
 from __future__ import annotations
@@ -9,11 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
 
+from .defects import lit_frames
 from .errors import InputError
+from .registration import make_plan, register_frames
+from .trajectory import flag_frames
+from .warp import shift_frames
 
-KINDS = ("frame", "mean", "median")
-_FORMS = "a frame index such as 0, or mean:A:B / median:A:B for frames A..B-1"
+KINDS = ("frame", "mean", "median", "iterative")
+_FORMS = "a frame index such as 0, iterative, or mean:A:B / median:A:B / iterative:A:B for frames A..B-1"
+#: Rounds of register-and-average of the iterative reference.
+ITERATIONS = 2
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,7 @@ def parse_reference(value, n_frames: int) -> ReferenceSpec:
     Parameters
     ----------
     value : int or str
-        ``5``, ``"-1"``, ``"mean:0:20"`` or ``"median:10:30"``.
+        ``5``, ``"-1"``, ``"mean:0:20"``, ``"median:10:30"``, ``"iterative"`` or ``"iterative:0:500"``.
     n_frames : int
         Number of frames in the stack.
 
@@ -51,6 +64,8 @@ def parse_reference(value, n_frames: int) -> ReferenceSpec:
     text = str(value).strip()
     if isinstance(value, bool):
         raise InputError(f"reference must be {_FORMS} (got {value!r})")
+    if text == "iterative":
+        return ReferenceSpec("iterative", 0, n_frames)
     if ":" not in text:
         try:
             index = int(text)
@@ -81,7 +96,7 @@ def combine_frames(frames, kind: str) -> np.ndarray:
     ----------
     frames : array_like, shape (n, *frame_shape)
     kind : {"frame", "mean", "median"}
-        ``"frame"`` requires exactly one frame.
+        ``"frame"`` requires exactly one frame (the iterative reference is built by :func:`iterative_reference`).
 
     Returns
     -------
@@ -96,4 +111,128 @@ def combine_frames(frames, kind: str) -> np.ndarray:
         return np.mean(frames, axis=0)
     if kind == "median":
         return np.median(frames, axis=0)
-    raise InputError(f"reference kind must be one of {KINDS} (got {kind!r})")
+    raise InputError(f"reference kind must be one of {KINDS[:3]} (got {kind!r})")
+
+
+@dataclass(frozen=True, eq=False)
+class BuiltReference:
+    """A reference image made from several frames.
+
+    Attributes
+    ----------
+    image : ndarray, float64, frame shape
+        The reference (0 where ``mask`` is False).
+    mask : ndarray of bool, frame shape
+        Where enough aligned frames contributed.
+    anchor : int
+        Index, in the sample, of the frame whose coordinates the reference lies in.
+    n_frames : int
+        Frames averaged in the last round.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    anchor: int
+    n_frames: int
+
+
+def _fill_from_nearest(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Give masked pixels the value of their nearest valid pixel, so interpolation does not ring at the mask."""
+    if mask.all():
+        return frames
+    nearest = ndi.distance_transform_edt(~mask, return_distances=False, return_indices=True)
+    return frames[(slice(None), *nearest)]
+
+
+def align_and_average(frames, shifts, mask, template, template_mask, *, min_coverage: float = 0.5,
+                      order: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Shift frames onto a template, match their intensity to it and average them where they are valid.
+
+    Parameters
+    ----------
+    frames : ndarray, shape (n, *frame_shape)
+    shifts : ndarray, shape (n, ndim)
+        Shifts registering each frame onto the template.
+    mask : ndarray of bool, frame shape
+        Valid pixels of the frames (static: it moves with each frame when shifted).
+    template, template_mask : ndarray
+        Image the gain and offset of each aligned frame are fitted to (``aligned = a * template + b``).
+    min_coverage : float
+        A pixel of the average is valid where at least this fraction of the frames were valid there.
+    order : int
+        Spline order of the shift.
+
+    Returns
+    -------
+    image : ndarray, float64
+        The average (0 where invalid).
+    valid : ndarray of bool
+    """
+    frames = np.asarray(frames, dtype=np.float64)
+    filled = _fill_from_nearest(frames, mask)
+    aligned = shift_frames(filled, shifts, order=order, cval=np.nan, dtype=np.float64)
+    coverage = shift_frames(np.broadcast_to(mask.astype(np.float64), frames.shape), shifts, order=1, cval=0.0,
+                            dtype=np.float64)
+    valid = (coverage > 0.999) & np.isfinite(aligned)
+    total = np.zeros(frames.shape[1:])
+    count = np.zeros(frames.shape[1:])
+    for frame, ok in zip(aligned, valid, strict=True):
+        common = ok & template_mask
+        if common.sum() < 2:
+            continue
+        gain, offset = np.polyfit(template[common], frame[common], 1)
+        if not np.isfinite(gain) or gain <= 0:
+            continue
+        total[ok] += (frame[ok] - offset) / gain
+        count[ok] += 1
+    used = int(count.max()) if count.size else 0
+    image_mask = count >= max(1, min_coverage * used)
+    image = np.where(image_mask, total / np.maximum(count, 1), 0.0)
+    return image, image_mask
+
+
+def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift=None,
+                        upsample_factor: float = 20, min_ncc: float = 0.1) -> BuiltReference:
+    """Build a low-noise reference by registering a sample of frames and averaging the aligned frames.
+
+    The first lit frame of the sample is the anchor: the sample is registered onto it, the trusted frames are
+    aligned, matched in intensity and averaged (:func:`align_and_average`), and the sample is registered again
+    onto the average, ``iterations`` times in all.
+
+    Parameters
+    ----------
+    sample : array_like, shape (n, *frame_shape)
+        Frames spread over the run (a few tens).
+    mask : ndarray of bool, frame shape
+        Valid pixels of every frame (beam-block and defects False).
+    iterations : int
+        Rounds of register-and-average.
+    max_shift : int or sequence of int, optional
+        Largest shift searched.
+    upsample_factor : float
+        Subpixel precision of the sample's registration.
+    min_ncc : float
+        Frames correlating worse are left out of the average.
+
+    Returns
+    -------
+    BuiltReference
+    """
+    sample = np.asarray(sample, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    lit, _, _ = lit_frames(sample)
+    if not lit.any():
+        raise InputError("no frame of the reference sample saw the beam (all dark, blank or NaN); "
+                         "choose the reference frames with --reference")
+    anchor = int(np.flatnonzero(lit)[0])
+    good = sample[lit]
+    image, image_mask, used = sample[anchor], mask, 1
+    for _ in range(max(int(iterations), 1)):
+        plan = make_plan(image, reference_mask=image_mask, moving_mask=mask, max_shift=max_shift)
+        result = register_frames(plan, good, upsample_factor=upsample_factor)
+        trusted = flag_frames(result.shift, result.ncc, min_ncc=min_ncc)
+        if not trusted.any():
+            break
+        image, image_mask = align_and_average(good[trusted], result.shift[trusted], mask, image, image_mask)
+        used = int(trusted.sum())
+    return BuiltReference(image=image, mask=image_mask, anchor=anchor, n_frames=used)

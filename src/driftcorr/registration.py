@@ -26,7 +26,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
 
-from .defects import FillPlan, fill_pixels, plan_fill
+from .defects import FillPlan, IntensityLevels, fill_pixels, find_outliers, intensity_levels, plan_fill
 from .errors import InputError
 
 METHODS = ("ncc", "phase")
@@ -85,6 +85,7 @@ class ReferencePlan:
     spec_static: np.ndarray | None
     static_maps: np.ndarray | None
     n_reference: float
+    levels: IntensityLevels | None = None
 
     @property
     def ndim(self) -> int:
@@ -113,7 +114,7 @@ def _as_max_shift(max_shift, frame_shape: tuple[int, ...]) -> tuple[int, ...]:
     return out
 
 
-def _as_mask(mask, frame_shape: tuple[int, ...], name: str) -> np.ndarray:
+def check_mask(mask, frame_shape: tuple[int, ...], name: str = "mask") -> np.ndarray:
     if mask is None:
         return np.ones(frame_shape, dtype=bool)
     mask = np.asarray(mask)
@@ -155,6 +156,7 @@ def make_plan(
     min_overlap: float = 0.3,
     dtype=np.float32,
     workers: int = 1,
+    tame_outliers: bool = True,
 ) -> ReferencePlan:
     """Precompute the reference's transforms for registering many frames against it.
 
@@ -177,6 +179,9 @@ def make_plan(
         Floating dtype of the per-frame transforms (float32 by default; float64 for extra precision).
     workers : int
         Threads used by each FFT.
+    tame_outliers : bool
+        Mask, in each moving frame, pixels far brighter than the reference's pattern can be (cosmic-ray
+        streaks, saturated lines; see :func:`driftcorr.defects.find_outliers`) before correlating.
 
     Returns
     -------
@@ -195,8 +200,8 @@ def make_plan(
     if dtype.kind != "f":
         raise InputError(f"dtype must be a floating dtype (got {dtype})")
     frame_shape = reference.shape
-    ref_mask = _as_mask(reference_mask, frame_shape, "reference_mask")
-    mov_mask = ref_mask if moving_mask is None else _as_mask(moving_mask, frame_shape, "moving_mask")
+    ref_mask = check_mask(reference_mask, frame_shape, "reference_mask")
+    mov_mask = ref_mask if moving_mask is None else check_mask(moving_mask, frame_shape, "moving_mask")
     shifts = _as_max_shift(max_shift, frame_shape)
     if method == "phase":
         pad = tuple(frame_shape)  # circular, like scikit-image: whitening would amplify a zero-padding step
@@ -236,6 +241,7 @@ def make_plan(
         spec_static=spec_static,
         static_maps=maps,
         n_reference=float(ref_mask.sum()),
+        levels=intensity_levels(reference, ref_mask) if tame_outliers and method == "ncc" else None,
     )
     for value in (plan.reference_mask, plan.moving_mask, plan.spec_f, plan.spec_mf, plan.spec_f2,
                   plan.spec_static, plan.static_maps):
@@ -263,6 +269,7 @@ def register_frames(
     masks=None,
     upsample_factor: float = 50,
     workers: int = 1,
+    tame: bool = True,
 ) -> RegistrationResult:
     """Register a block of frames onto the plan's reference.
 
@@ -279,6 +286,9 @@ def register_frames(
         1 gives integer shifts.
     workers : int
         Threads used by each FFT.
+    tame : bool
+        Leave out frame-local outliers when the plan was made with ``tame_outliers`` (frames given their own
+        ``masks`` are used as they are).
 
     Returns
     -------
@@ -299,6 +309,11 @@ def register_frames(
     axes = tuple(range(-ndim, 0))
     pad = plan.pad_shape
     per_frame_masks = masks is not None
+    if tame and not per_frame_masks and plan.levels is not None:
+        outliers = find_outliers(frames, plan.moving_mask, plan.levels)
+        hit = outliers.reshape(n_frames, -1).any(axis=1)
+        if hit.any():
+            return _register_with_outliers(plan, frames, outliers, hit, upsample_factor, workers)
     if per_frame_masks:
         masks = np.broadcast_to(np.asarray(masks, dtype=bool), frames.shape)
     mask = masks if per_frame_masks else plan.fill.mask
@@ -366,6 +381,26 @@ def register_frames(
         value = np.clip(value, -1.0, 1.0)  # the interpolated surface can overshoot 1 by a hair
     return RegistrationResult(shift=shift, sigma=sigma, ncc=value, overlap=np.where(ok, overlap, np.nan),
                               second_peak=second_ratio)
+
+
+def _register_with_outliers(plan, frames, outliers, hit, upsample_factor, workers) -> RegistrationResult:
+    """Register frames holding outliers with per-frame masks that leave them out; the others as usual."""
+    tainted = np.array(frames[hit], dtype=plan.dtype)
+    # Static isolated defects are filled as on the fast path; the outliers are masked in their own frame.
+    fill_pixels(tainted.reshape(len(tainted), -1), plan.fill)
+    masks = plan.fill.mask & ~outliers[hit]
+    parts = [(hit, register_frames(plan, tainted, masks=masks, upsample_factor=upsample_factor, workers=workers))]
+    if not hit.all():
+        parts.append((~hit, register_frames(plan, frames[~hit], masks=None, upsample_factor=upsample_factor,
+                                            workers=workers, tame=False)))
+    merged = {}
+    for name in RegistrationResult.__dataclass_fields__:
+        sample = getattr(parts[0][1], name)
+        out = np.empty((len(frames), *sample.shape[1:]), dtype=sample.dtype)
+        for rows, result in parts:
+            out[rows] = getattr(result, name)
+        merged[name] = out
+    return RegistrationResult(**merged)
 
 
 def _sigma_from_curvature(value: np.ndarray, hessian: np.ndarray, n_pixels: np.ndarray) -> np.ndarray:
