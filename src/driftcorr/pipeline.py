@@ -217,13 +217,29 @@ def estimate_drift(
     quality = {name: values[:, 2 * ndim + i] for i, name in enumerate(_QUALITY)}
     valid = flag_frames(raw_shift, quality["ncc"], min_ncc=cfg.min_ncc, max_shift=plan.max_shift)
     shift = fill_invalid(raw_shift, valid)
+    sigma, sigma_anchor = _with_anchor_uncertainty(sigma, valid, anchor)
     return _drift_dataset(frames, shift=shift, raw_shift=raw_shift, sigma=sigma, valid=valid, quality=quality,
                           reference=image, reference_mask=image_mask, defects=defects,
-                          reference_label=reference_label, anchor=anchor, cfg=cfg)
+                          reference_label=reference_label, anchor=anchor, sigma_anchor=sigma_anchor, cfg=cfg)
+
+
+def _with_anchor_uncertainty(sigma: np.ndarray, valid: np.ndarray, anchor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Add the uncertainty of the anchor frame's own registration to every frame's.
+
+    Shifts are relative to the anchor frame's coordinates, which are known only as well as the anchor frame
+    registers onto the reference; that error is common to all frames. (For a single-frame reference it is 0.)
+    Flagged frames, whose shift is interpolated, keep the uncertainty of their nearest trusted neighbours.
+    """
+    sigma = np.asarray(sigma, dtype=np.float64)
+    own = sigma[anchor]
+    if not np.all(np.isfinite(own)):
+        own = np.nanmedian(sigma[valid], axis=0) if valid.any() else np.full(sigma.shape[1], np.nan)
+    total = np.sqrt(fill_invalid(sigma, valid & np.all(np.isfinite(sigma), axis=1)) ** 2 + own**2)
+    return total, own
 
 
 def _drift_dataset(frames, *, shift, raw_shift, sigma, valid, quality, reference, reference_mask, defects,
-                   reference_label, anchor, cfg):
+                   reference_label, anchor, sigma_anchor, cfg):
     spatial = frames.dims[1:]
     coords = {name: coord for name, coord in frames.coords.items() if coord.dims == ("frame",)}
     coords["axis"] = ("axis", np.array(spatial, dtype=object))
@@ -233,7 +249,10 @@ def _drift_dataset(frames, *, shift, raw_shift, sigma, valid, quality, reference
                   {"long_name": "shift registering the frame onto the reference", **px}),
         "raw_shift": (("frame", "axis"), raw_shift,
                       {"long_name": "measured shift before invalid frames were interpolated", **px}),
-        "sigma": (("frame", "axis"), sigma, {"long_name": "1-sigma uncertainty of the shift", **px}),
+        "sigma": (("frame", "axis"), sigma, {
+            "long_name": "1-sigma uncertainty of the shift",
+            "comment": "includes sigma_anchor, the error of the reference frame's own registration, common to all "
+                       "frames; flagged frames take the uncertainty interpolated from trusted neighbours", **px}),
         "ncc": (("frame",), quality["ncc"], {"long_name": "peak normalized cross-correlation", "units": "1"}),
         "valid": (("frame",), valid, {"long_name": "registration trusted (else shift interpolated)"}),
         "overlap": (("frame",), quality["overlap"],
@@ -251,7 +270,7 @@ def _drift_dataset(frames, *, shift, raw_shift, sigma, valid, quality, reference
     }
     attrs = {"driftcorr_version": version("driftcorr"), "config": cfg.model_dump(mode="json"),
              "config_digest": cfg.digest(), "input": frames.attrs.get("source", "in-memory array"),
-             "reference_frame": int(anchor)}
+             "reference_frame": int(anchor), "sigma_anchor": [float(v) for v in sigma_anchor]}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 

@@ -31,11 +31,13 @@ from .errors import InputError
 
 METHODS = ("ncc", "phase")
 
-#: Calibration factor of the uncertainty model (see :func:`_sigma_from_curvature`).
-SIGMA_SCALE = 1.0
+#: Calibration factor of the uncertainty's variance (see :func:`_residual_sigma`).
+SIGMA_SCALE = 0.545
 _MAX_NEWTON = 8
 _TRUST_RADIUS = 0.5
 _FLAT_RELATIVE = 1e-6
+#: Pixels this close to a mask edge are left out of the residual uncertainty (interpolation ringing).
+_RESIDUAL_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,28 @@ class RegistrationResult:
 
 
 @dataclass(frozen=True, eq=False)
+class ResidualBasis:
+    """What the residual (sandwich) uncertainty needs of the reference; see :func:`_residual_sigma`.
+
+    Attributes
+    ----------
+    image : ndarray, float32, shape (pixels,)
+        The centred reference, flattened (0 outside its mask).
+    inner : ndarray of bool, frame shape
+        Reference pixels at least :data:`_RESIDUAL_MARGIN` px inside its mask.
+    moving_inner : ndarray of bool, frame shape
+        The same for the moving frames' mask.
+    gradients : ndarray, float32, shape (pixels, ndim)
+        The reference's gradient, flattened.
+    """
+
+    image: np.ndarray
+    inner: np.ndarray
+    moving_inner: np.ndarray
+    gradients: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
 class ReferencePlan:
     """Everything about a reference that is reused for every frame registered against it.
 
@@ -86,6 +110,7 @@ class ReferencePlan:
     static_maps: np.ndarray | None
     n_reference: float
     levels: IntensityLevels | None = None
+    residual_basis: ResidualBasis | None = None
 
     @property
     def ndim(self) -> int:
@@ -242,12 +267,25 @@ def make_plan(
         static_maps=maps,
         n_reference=float(ref_mask.sum()),
         levels=intensity_levels(reference, ref_mask) if tame_outliers and method == "ncc" else None,
+        residual_basis=_residual_basis(f, ref_mask, fill.mask) if method == "ncc" else None,
     )
     for value in (plan.reference_mask, plan.moving_mask, plan.spec_f, plan.spec_mf, plan.spec_f2,
                   plan.spec_static, plan.static_maps):
         if value is not None:
             value.flags.writeable = False
     return plan
+
+
+def _residual_basis(f: np.ndarray, ref_mask: np.ndarray, moving_mask: np.ndarray) -> ResidualBasis:
+    """Precompute the reference side of the sandwich uncertainty (see :func:`_residual_sigma`)."""
+    ndim = f.ndim
+    structure = ndi.generate_binary_structure(ndim, 1)
+    inner = ndi.binary_erosion(ref_mask, structure, iterations=_RESIDUAL_MARGIN, border_value=0)
+    moving_inner = ndi.binary_erosion(moving_mask, structure, iterations=_RESIDUAL_MARGIN, border_value=0)
+    grads = np.gradient(f) if ndim > 1 else [np.gradient(f)]
+    gradients = np.stack([g.ravel() for g in grads], axis=1).astype(np.float32)
+    return ResidualBasis(image=f.ravel().astype(np.float32), inner=inner, moving_inner=moving_inner,
+                         gradients=gradients)
 
 
 def _ncc_from_terms(n, sf, sff, sg, sgg, sfg, min_count):
@@ -348,7 +386,7 @@ def register_frames(
         np.multiply(plan.spec_mf, spec_g, out=spectra[:, n_static])
         np.multiply(plan.spec_mf, spec_g2, out=spectra[:, n_static + 1])
         np.multiply(plan.spec_f, spec_g, out=spectra[:, n_static + 2])
-        del spec_g, spec_g2
+        del spec_g2
         maps = _irfft_window(spectra, pad, plan.max_shift, workers).astype(np.float64)
         if not per_frame_masks:
             maps = np.concatenate([np.broadcast_to(plan.static_maps, (n_frames, *plan.static_maps.shape)), maps],
@@ -368,9 +406,11 @@ def register_frames(
     overlap = np.take_along_axis(n_map.reshape(n_frames, -1), peak_index[:, None], 1)[:, 0] / plan.n_reference
 
     shift, value, hessian = _refine(plan, spectra, static_spec, surface, peak, lag, ok, upsample_factor)
-    sigma = _sigma_from_curvature(value, hessian, overlap * plan.n_reference)
     if plan.method == "phase":
-        sigma[:] = np.nan  # the curvature model holds for the NCC only
+        sigma = np.full(shift.shape, np.nan)  # no uncertainty model for phase correlation
+    else:
+        del spectra
+        sigma = _residual_sigma(plan, spec_g, mask, shift, ok, workers)
     shift[~ok] = np.nan
     sigma[~ok] = np.nan
     value = np.where(ok, value, np.nan)
@@ -403,26 +443,90 @@ def _register_with_outliers(plan, frames, outliers, hit, upsample_factor, worker
     return RegistrationResult(**merged)
 
 
-def _sigma_from_curvature(value: np.ndarray, hessian: np.ndarray, n_pixels: np.ndarray) -> np.ndarray:
-    """1-sigma shift uncertainty per axis from the peak height and curvature of the NCC.
+def _shifted_mask(mask: np.ndarray, offset) -> np.ndarray:
+    """``mask`` moved by a whole-pixel ``offset`` (False where it comes from outside)."""
+    out = np.zeros_like(mask)
+    src, dst = [], []
+    for size, d in zip(mask.shape, offset, strict=True):
+        d = int(d)
+        src.append(slice(max(-d, 0), size - max(d, 0)))
+        dst.append(slice(max(d, 0), size - max(-d, 0)))
+    out[tuple(dst)] = mask[tuple(src)]
+    return out
 
-    For white noise, maximizing the NCC has covariance ``(1 - rho**2) / (rho * n) * inv(-H)``, with ``rho`` the
-    peak NCC, ``n`` the pixels in the overlap and ``H`` the Hessian of the NCC at its peak (per px²). The factor
-    :data:`SIGMA_SCALE` calibrates the model against synthetic runs with known truth.
+
+_SIGMA_MODE = "pixel"
+_TILE = 16
+
+
+def _tile_labels(frame_shape) -> np.ndarray:
+    """Flat index of the square tile each pixel belongs to."""
+    grids = np.meshgrid(*[np.arange(n) // _TILE for n in frame_shape], indexing="ij")
+    counts = [-(-n // _TILE) for n in frame_shape]
+    return np.ravel_multi_index(tuple(grids), counts).ravel()
+
+
+def _residual_sigma(plan, spec_g_conj, masks, shift, ok, workers) -> np.ndarray:
+    """1-sigma shift uncertainty per axis from the residual of each registered frame (a sandwich estimator).
+
+    The frame is shifted onto the reference by its estimated shift (exactly, in Fourier space), its gain ``a``
+    and offset ``b`` are fitted, and the residual ``r = g - a f - b`` is taken over the pixels both masks hold
+    well inside. Linearizing ``g(x) = a f(x - d) + b + r``, the least-squares shift has covariance
+    ``inv(A) J inv(A) / a**2`` with ``A = sum(grad f grad f^T)`` and ``J = sum(r**2 grad f grad f^T)``. This
+    needs no noise model: Poisson noise, whose variance is largest where the pattern is bright and steep, the
+    reference's own noise and pattern changes all enter through ``r``. :data:`SIGMA_SCALE` calibrates it against
+    synthetic runs with known truth.
     """
-    n, ndim = hessian.shape[0], hessian.shape[-1]
-    sigma = np.full((n, ndim), np.nan)
-    rho = np.clip(value, 1e-6, 1 - 1e-9)
-    good = np.isfinite(value) & (value > 0) & np.all(np.isfinite(hessian), axis=(1, 2)) & (n_pixels > 0)
-    if not good.any():
+    n_frames, ndim = shift.shape
+    sigma = np.full((n_frames, ndim), np.nan)
+    basis = plan.residual_basis
+    rows = np.flatnonzero(ok & np.all(np.isfinite(shift), axis=1))
+    if rows.size == 0 or basis is None:
         return sigma
-    neg_h = -np.where(good[:, None, None], hessian, -np.eye(ndim))
-    eig = np.linalg.eigvalsh(neg_h)
-    good &= np.all(eig > 0, axis=1)
-    cov = np.linalg.inv(np.where(good[:, None, None], neg_h, np.eye(ndim)))
-    scale = SIGMA_SCALE * (1 - rho**2) / (rho * np.maximum(n_pixels, 1))
-    diag = np.diagonal(cov, axis1=1, axis2=2) * scale[:, None]
-    sigma[good] = np.sqrt(diag[good])
+    pad = plan.pad_shape
+    frame_shape = plan.frame_shape
+    ramp = np.ones(spec_g_conj.shape[1:], dtype=spec_g_conj.dtype)
+    spectrum = np.conj(spec_g_conj[rows])
+    for axis in range(ndim):
+        freq = sfft.rfftfreq(pad[axis]) if axis == ndim - 1 else sfft.fftfreq(pad[axis])
+        shape = [1] * ndim
+        shape[axis] = -1
+        phase = np.exp(-2j * np.pi * freq.reshape(shape)[None] * shift[rows, axis].reshape((-1,) + (1,) * ndim))
+        spectrum = spectrum * phase.astype(spec_g_conj.dtype)
+    del ramp
+    aligned = sfft.irfftn(spectrum, s=pad, axes=tuple(range(-ndim, 0)), workers=workers)
+    aligned = aligned[(slice(None), *(slice(0, n) for n in frame_shape))].reshape(len(rows), -1)
+    per_frame = masks.ndim > ndim
+    tiles = _tile_labels(frame_shape)
+    for k, t in enumerate(rows):
+        inner = basis.moving_inner if not per_frame else ndi.binary_erosion(
+            masks[t], ndi.generate_binary_structure(ndim, 1), iterations=_RESIDUAL_MARGIN, border_value=0)
+        use = (_shifted_mask(inner, np.round(shift[t])) & basis.inner).ravel()
+        if use.sum() < 3 * ndim + 3:
+            continue
+        f = basis.image[use].astype(np.float64)
+        g = aligned[k, use].astype(np.float64)
+        fc = f - f.mean()
+        gain = float(fc @ (g - g.mean()) / max(fc @ fc, 1e-300))
+        if not gain > 0:
+            continue
+        residual = g - g.mean() - gain * fc
+        grad = basis.gradients[use].astype(np.float64)
+        a_mat = grad.T @ grad
+        score = residual[:, None] * grad
+        if _SIGMA_MODE == "pixel":
+            j_mat = score.T @ score
+        else:
+            label = tiles[use]
+            sums = np.stack([np.bincount(label, weights=score[:, i], minlength=tiles.max() + 1)
+                             for i in range(ndim)], axis=1)
+            j_mat = sums.T @ sums
+        try:
+            inv_a = np.linalg.inv(a_mat)
+        except np.linalg.LinAlgError:
+            continue
+        cov = SIGMA_SCALE * inv_a @ j_mat @ inv_a / gain**2
+        sigma[t] = np.sqrt(np.clip(np.diagonal(cov), 0, None))
     return sigma
 
 
