@@ -60,6 +60,8 @@ def _correction_options(command):
                      help="Reference: iterative (default), iterative:A:B, a frame index, mean:A:B or median:A:B."),
         click.option("--detect-defects/--no-detect-defects", default=None,
                      help="Find hot, dead, stuck (and, without --mask, unlit) pixels from the stack (default on)."),
+        click.option("--bandpass", type=(float, float), default=None, metavar="LOW HIGH",
+                     help="Mask-aware difference-of-Gaussians band-pass, scales in px (default: none)."),
         click.option("--tame-outliers/--no-tame-outliers", default=None,
                      help="Leave out cosmic-ray streaks and other frame-local outliers (default on)."),
         click.option("--upsample", "upsample_factor", type=float, default=None,

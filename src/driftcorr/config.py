@@ -28,6 +28,8 @@ class CorrectionConfig(BaseModel):
     min_overlap: float = Field(0.3, gt=0, le=1)
     detect_defects: bool = Field(True, description="find hot, dead, stuck (and, without a mask, unlit) pixels")
     tame_outliers: bool = Field(True, description="leave out cosmic-ray streaks and other frame-local outliers")
+    bandpass: tuple[float, float | None] | None = Field(
+        None, description="mask-aware difference-of-Gaussians scales [low, high] px applied before correlating")
     min_ncc: float = Field(0.1, ge=-1, le=1, description="frames correlating worse are flagged invalid")
     interpolation_order: int = Field(3, ge=0, le=5, description="spline order used to shift frames")
     block_frames: int | None = Field(None, ge=1, description="frames per task (default: from the frame size)")

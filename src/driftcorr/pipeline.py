@@ -165,6 +165,7 @@ def estimate_drift(
     min_ncc: float | None = None,
     detect_defects: bool | None = None,
     tame_outliers: bool | None = None,
+    bandpass: tuple[float, float | None] | None = None,
     block_frames: int | None = None,
     array: str | None = None,
     config: CorrectionConfig | None = None,
@@ -180,7 +181,8 @@ def estimate_drift(
     reference : int or str, optional
         ``iterative`` (default), ``iterative:A:B``, a frame index, ``mean:A:B`` or ``median:A:B``
         (see :mod:`driftcorr.reference`).
-    upsample_factor, max_shift, method, min_overlap, min_ncc, detect_defects, tame_outliers, block_frames, array
+    upsample_factor, max_shift, method, min_overlap, min_ncc, detect_defects, tame_outliers, bandpass,
+    block_frames, array
         See :class:`driftcorr.config.CorrectionConfig`; None keeps the default.
     config : CorrectionConfig, optional
         A validated configuration; replaces all the keyword options above.
@@ -194,7 +196,7 @@ def estimate_drift(
     """
     cfg = _resolve_config(config, reference=reference, upsample_factor=upsample_factor, max_shift=max_shift,
                           method=method, min_overlap=min_overlap, min_ncc=min_ncc, detect_defects=detect_defects,
-                          tame_outliers=tame_outliers, block_frames=block_frames, array=array)
+                          tame_outliers=tame_outliers, bandpass=bandpass, block_frames=block_frames, array=array)
     frames = as_stack(stack, array=cfg.array, block_frames=cfg.block_frames)
     frame_shape = tuple(frames.shape[1:])
     defects = find_defects(frames, _mask_array(mask, frame_shape), detect=cfg.detect_defects)
@@ -204,7 +206,8 @@ def estimate_drift(
     image, image_mask, reference_label, anchor = make_reference(frames, cfg.reference, defects.mask,
                                                                 max_shift=cfg.max_shift)
     plan = make_plan(image, reference_mask=image_mask, moving_mask=defects.mask, max_shift=cfg.max_shift,
-                     method=cfg.method, min_overlap=cfg.min_overlap, tame_outliers=cfg.tame_outliers)
+                     method=cfg.method, min_overlap=cfg.min_overlap, tame_outliers=cfg.tame_outliers,
+                     bandpass=cfg.bandpass)
     ndim = len(frame_shape)
     plan_key = dask.delayed(plan, pure=True)
     table = frames.data.map_blocks(

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
 
+from .bandpass import BandPass, bandpass_frames
 from .defects import FillPlan, IntensityLevels, fill_pixels, find_outliers, intensity_levels, plan_fill
 from .errors import InputError
 
@@ -111,6 +112,7 @@ class ReferencePlan:
     n_reference: float
     levels: IntensityLevels | None = None
     residual_basis: ResidualBasis | None = None
+    bandpass: BandPass | None = None
 
     @property
     def ndim(self) -> int:
@@ -137,6 +139,16 @@ def _as_max_shift(max_shift, frame_shape: tuple[int, ...]) -> tuple[int, ...]:
                 f"max_shift must be smaller than the frame (got {max_shift!r} for {shape}); pass a smaller max_shift"
             )
     return out
+
+
+def _as_bandpass(value) -> BandPass | None:
+    if value is None or isinstance(value, BandPass):
+        return value
+    try:
+        low, high = value
+    except (TypeError, ValueError):
+        raise InputError(f"bandpass must be a pair (low, high) of scales in px (got {value!r})") from None
+    return BandPass(float(low), None if high is None else float(high))
 
 
 def check_mask(mask, frame_shape: tuple[int, ...], name: str = "mask") -> np.ndarray:
@@ -182,6 +194,7 @@ def make_plan(
     dtype=np.float32,
     workers: int = 1,
     tame_outliers: bool = True,
+    bandpass=None,
 ) -> ReferencePlan:
     """Precompute the reference's transforms for registering many frames against it.
 
@@ -207,6 +220,9 @@ def make_plan(
     tame_outliers : bool
         Mask, in each moving frame, pixels far brighter than the reference's pattern can be (cosmic-ray
         streaks, saturated lines; see :func:`driftcorr.defects.find_outliers`) before correlating.
+    bandpass : (low, high) or BandPass, optional
+        Filter the reference and every frame with a mask-aware difference of Gaussians of these scales, px
+        (:mod:`driftcorr.bandpass`); ``high`` None for a low-pass only. Default: no filtering.
 
     Returns
     -------
@@ -236,6 +252,10 @@ def make_plan(
     axes = tuple(range(-len(frame_shape), 0))
     if not np.all(np.isfinite(reference[ref_mask])):
         raise InputError("reference has NaN or infinite values at valid pixels; mask them or pick another reference")
+    band = _as_bandpass(bandpass)
+    levels = intensity_levels(reference, ref_mask) if tame_outliers and method == "ncc" else None
+    if band is not None:
+        reference = bandpass_frames(reference[None], ref_mask, band, dtype=np.float64)[0]
 
     f = _centred(reference, ref_mask, np.float64, reference.ndim)
     spec_f = sfft.rfftn(f, s=pad, axes=axes, workers=workers)
@@ -266,8 +286,9 @@ def make_plan(
         spec_static=spec_static,
         static_maps=maps,
         n_reference=float(ref_mask.sum()),
-        levels=intensity_levels(reference, ref_mask) if tame_outliers and method == "ncc" else None,
+        levels=levels,
         residual_basis=_residual_basis(f, ref_mask, fill.mask) if method == "ncc" else None,
+        bandpass=band,
     )
     for value in (plan.reference_mask, plan.moving_mask, plan.spec_f, plan.spec_mf, plan.spec_f2,
                   plan.spec_static, plan.static_maps):
@@ -358,7 +379,13 @@ def register_frames(
 
     finite = np.isfinite(frames).all(axis=axes) if frames.dtype.kind == "f" else np.ones(n_frames, bool)
     frames = np.where(np.isfinite(frames), frames, 0) if not finite.all() else frames
-    g = _centred(frames, mask, plan.dtype, ndim, fill=None if per_frame_masks else plan.fill)
+    fill = None if per_frame_masks else plan.fill
+    if plan.bandpass is not None:
+        # Normalized convolution fills isolated holes from their neighbours by itself.
+        frames = bandpass_frames(frames, mask if per_frame_masks else plan.moving_mask, plan.bandpass,
+                                 dtype=plan.dtype)
+        fill = None
+    g = _centred(frames, mask, plan.dtype, ndim, fill=fill)
     spec_g = _rfft_padded(g, pad, workers)
     if plan.method == "phase":
         product = plan.spec_f * spec_g.conj()
@@ -455,7 +482,7 @@ def _shifted_mask(mask: np.ndarray, offset) -> np.ndarray:
     return out
 
 
-_SIGMA_MODE = "pixel"
+#: Side of the tiles whose residual scores are summed before squaring when the residual is spatially correlated.
 _TILE = 16
 
 
@@ -474,8 +501,10 @@ def _residual_sigma(plan, spec_g_conj, masks, shift, ok, workers) -> np.ndarray:
     well inside. Linearizing ``g(x) = a f(x - d) + b + r``, the least-squares shift has covariance
     ``inv(A) J inv(A) / a**2`` with ``A = sum(grad f grad f^T)`` and ``J = sum(r**2 grad f grad f^T)``. This
     needs no noise model: Poisson noise, whose variance is largest where the pattern is bright and steep, the
-    reference's own noise and pattern changes all enter through ``r``. :data:`SIGMA_SCALE` calibrates it against
-    synthetic runs with known truth.
+    reference's own noise and pattern changes all enter through ``r``. A band-passed residual is correlated
+    between neighbouring pixels, so then the scores ``r grad f`` are summed over tiles of :data:`_TILE` px before
+    squaring (a cluster-robust sandwich). :data:`SIGMA_SCALE` calibrates it against synthetic runs with known
+    truth.
     """
     n_frames, ndim = shift.shape
     sigma = np.full((n_frames, ndim), np.nan)
@@ -485,7 +514,6 @@ def _residual_sigma(plan, spec_g_conj, masks, shift, ok, workers) -> np.ndarray:
         return sigma
     pad = plan.pad_shape
     frame_shape = plan.frame_shape
-    ramp = np.ones(spec_g_conj.shape[1:], dtype=spec_g_conj.dtype)
     spectrum = np.conj(spec_g_conj[rows])
     for axis in range(ndim):
         freq = sfft.rfftfreq(pad[axis]) if axis == ndim - 1 else sfft.fftfreq(pad[axis])
@@ -493,7 +521,6 @@ def _residual_sigma(plan, spec_g_conj, masks, shift, ok, workers) -> np.ndarray:
         shape[axis] = -1
         phase = np.exp(-2j * np.pi * freq.reshape(shape)[None] * shift[rows, axis].reshape((-1,) + (1,) * ndim))
         spectrum = spectrum * phase.astype(spec_g_conj.dtype)
-    del ramp
     aligned = sfft.irfftn(spectrum, s=pad, axes=tuple(range(-ndim, 0)), workers=workers)
     aligned = aligned[(slice(None), *(slice(0, n) for n in frame_shape))].reshape(len(rows), -1)
     per_frame = masks.ndim > ndim
@@ -514,7 +541,7 @@ def _residual_sigma(plan, spec_g_conj, masks, shift, ok, workers) -> np.ndarray:
         grad = basis.gradients[use].astype(np.float64)
         a_mat = grad.T @ grad
         score = residual[:, None] * grad
-        if _SIGMA_MODE == "pixel":
+        if plan.bandpass is None:
             j_mat = score.T @ score
         else:
             label = tiles[use]
