@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .defects import lit_frames
+from .defects import find_outliers, intensity_levels, lit_frames
 from .errors import InputError
 from .registration import make_plan, register_frames
 from .trajectory import flag_frames
@@ -148,6 +148,9 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
                       order: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Shift frames onto a template, match their intensity to it and average them where they are valid.
 
+    Frame-local outliers (pixels far brighter than the template's pattern, :func:`driftcorr.defects.find_outliers`)
+    are left out of their frame's contribution.
+
     Parameters
     ----------
     frames : ndarray, shape (n, *frame_shape)
@@ -169,10 +172,11 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
     valid : ndarray of bool
     """
     frames = np.asarray(frames, dtype=np.float64)
-    filled = _fill_from_nearest(frames, mask)
+    # A cosmic-ray streak in one of the frames must not be averaged into the reference.
+    masks = mask & ~find_outliers(frames, mask, intensity_levels(template, template_mask))
+    filled = np.stack([_fill_from_nearest(frame[None], ok)[0] for frame, ok in zip(frames, masks, strict=True)])
     aligned = shift_frames(filled, shifts, order=order, cval=np.nan, dtype=np.float64)
-    coverage = shift_frames(np.broadcast_to(mask.astype(np.float64), frames.shape), shifts, order=1, cval=0.0,
-                            dtype=np.float64)
+    coverage = shift_frames(masks.astype(np.float64), shifts, order=1, cval=0.0, dtype=np.float64)
     valid = (coverage > 0.999) & np.isfinite(aligned)
     total = np.zeros(frames.shape[1:])
     count = np.zeros(frames.shape[1:])

@@ -81,9 +81,13 @@ def trajectory_outliers(shift, valid, *, min_px: float = OUTLIER_MIN_PX, sigmas:
     if index.size < 5:
         return outliers
     s = shift[index]
+    t = index.astype(np.float64)[:, None]
+    # Extrapolate along the line through the two neighbours, at the frame's own position (gaps allowed).
+    from_left = s[1:-1] + (s[1:-1] - s[:-2]) * (t[2:] - t[1:-1]) / (t[1:-1] - t[:-2])
+    from_right = s[1:-1] + (s[1:-1] - s[2:]) * (t[1:-1] - t[:-2]) / (t[2:] - t[1:-1])
     departure = np.full((len(s), 2), np.inf)
-    departure[2:, 0] = np.linalg.norm(s[2:] - (2 * s[1:-1] - s[:-2]), axis=1)
-    departure[:-2, 1] = np.linalg.norm(s[:-2] - (2 * s[1:-1] - s[2:]), axis=1)
+    departure[2:, 0] = np.linalg.norm(s[2:] - from_left, axis=1)
+    departure[:-2, 1] = np.linalg.norm(s[:-2] - from_right, axis=1)
     closest = departure.min(axis=1)
     spread = 1.4826 * np.median(closest)
     outliers[index] = closest > max(min_px, sigmas * spread)
