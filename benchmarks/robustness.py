@@ -10,11 +10,11 @@ pixels, a beam-off frame, a cosmic-ray streak, ±20 % ring-intensity and ±30 % 
 jump) is written to Zarr and corrected with ``driftcorr correct RAW OUT --mask BLOCK.npy``, the mask holding the
 beam-block only (hot and dead pixels are left for driftcorr to find). Printed per run:
 
-- ``rms``: RMS error per axis of ``shift`` against the truth, over all frames but the beam-off ones (the
-  cosmic-ray frame included), relative to the output's reference frame;
+- ``rms``: RMS length of the error vector of ``shift`` against the truth, over all frames but the beam-off ones
+  (the cosmic-ray frame included), relative to the output's reference frame;
 - ``max_valid``: the largest error of a frame marked valid;
 - ``beam_off``: whether every beam-off frame is marked invalid;
-- ``ratio``: RMS error / RMS reported ``sigma`` over the same frames (1 = calibrated).
+- ``ratio``: RMS error per axis / RMS reported ``sigma`` over the same frames (1 = calibrated).
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def score(run, ds: xr.Dataset) -> dict:
     good = ~run.beam_off
     valid = ds["valid"].values
     sigma = ds["sigma"].values
-    rms = float(np.sqrt(np.mean(error[good] ** 2)))
+    per_axis = float(np.sqrt(np.mean(error[good] ** 2)))
     return {
-        "rms": rms,
+        "rms": float(np.sqrt(np.mean(np.sum(error[good] ** 2, axis=1)))),
         "max_valid": float(np.linalg.norm(error[good & valid], axis=1).max()),
         "beam_off": bool(not valid[run.beam_off].any()),
-        "ratio": rms / float(np.sqrt(np.mean(sigma[good] ** 2))),
+        "ratio": per_axis / float(np.sqrt(np.mean(sigma[good] ** 2))),
         "flagged": int((~valid).sum()),
     }
 

@@ -1,8 +1,8 @@
 """The layers of DESIGN §2 stay honest: imports only point down (parsed with ``ast``, nothing is imported).
 
-kernels (registration, reference, defects, bandpass, trajectory, warp, synthetic; plus errors)  <  store  <  pipeline  <  edge
-(cli, config, demo). Only store touches zarr/fsspec; only pipeline builds Dask graphs (store may use dask.array to
-read and write Zarr).
+kernels (registration, reference, defects, bandpass, trajectory, warp, synthetic; plus errors)  <  store  <
+pipeline  <  edge (cli, config, demo). Only store touches zarr/fsspec; only pipeline builds Dask graphs (store may
+use dask.array to read and write Zarr).
 """
 
 from __future__ import annotations

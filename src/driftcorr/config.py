@@ -42,6 +42,15 @@ class CorrectionConfig(BaseModel):
             raise ValueError("must be a frame index, iterative, or mean:A:B / median:A:B / iterative:A:B")
         return str(value) if isinstance(value, int) else value
 
+    @field_validator("bandpass")
+    @classmethod
+    def _bandpass_order(cls, value):
+        if value is not None:
+            low, high = value
+            if not low > 0 or (high is not None and not high > low):
+                raise ValueError("needs 0 < low < high, in px, e.g. [1, 12]")
+        return value
+
     def digest(self) -> str:
         """Short hash of the options that change the result."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)

@@ -29,6 +29,7 @@ from .warp import shift_frames
 _QUALITY = ("ncc", "overlap", "second_peak")
 #: Frames read to find defects and build the iterative reference.
 SAMPLE_FRAMES = 32
+_FIRST_FRAMES = 4
 _THREADPOOLS: ThreadpoolController | None = None
 
 
@@ -102,9 +103,13 @@ def _register_block(block: np.ndarray, plan, upsample_factor: float) -> np.ndarr
 
 
 def sample_indices(start: int, stop: int, max_frames: int = SAMPLE_FRAMES) -> np.ndarray:
-    """Up to ``max_frames`` frame indices spread evenly over ``start..stop-1``, both ends included."""
+    """Frame indices spread evenly over ``start..stop-1`` (both ends included), plus the first few frames.
+
+    The first frames are all there so that the iterative reference is anchored on the first good frame.
+    """
     count = min(max_frames, stop - start)
-    return np.unique(np.linspace(start, stop - 1, count).round().astype(np.intp))
+    spread = np.linspace(start, stop - 1, count).round().astype(np.intp)
+    return np.unique(np.concatenate([np.arange(start, min(start + _FIRST_FRAMES, stop)), spread]))
 
 
 def _read_frames(frames: xr.DataArray, index: np.ndarray) -> np.ndarray:
