@@ -297,7 +297,9 @@ def find_outliers(frames, mask, levels: IntensityLevels, *, factor: float = OUTL
     ----------
     frames : array_like, shape (n, *frame_shape)
     mask : array_like of bool, frame shape
-        Pixels that are examined (True); static defects are excluded here.
+        Pixels that are examined (True): leave out isolated static defects (hot pixels are always bright) but
+        keep large masked regions such as the beam-block, so a streak crossing them is grown from both sides.
+        The frame's mean level is taken over these pixels.
     levels : IntensityLevels
         Of the reference (:func:`intensity_levels`).
     factor : float
@@ -308,7 +310,7 @@ def find_outliers(frames, mask, levels: IntensityLevels, *, factor: float = OUTL
     Returns
     -------
     ndarray of bool, shape (n, *frame_shape)
-        True at outlier pixels.
+        True at outlier pixels (grown into masked pixels too).
     """
     frames = np.asarray(frames)
     mask = np.asarray(mask, dtype=bool)
@@ -327,5 +329,5 @@ def find_outliers(frames, mask, levels: IntensityLevels, *, factor: float = OUTL
         hit = np.flatnonzero(outliers.reshape(len(frames), -1).any(axis=1))
         structure = ndi.generate_binary_structure(ndim, ndim)
         for i in hit:
-            outliers[i] = ndi.binary_dilation(outliers[i], structure=structure, iterations=growth) & mask
+            outliers[i] = ndi.binary_dilation(outliers[i], structure=structure, iterations=growth)
     return outliers

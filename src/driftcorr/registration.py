@@ -369,7 +369,9 @@ def register_frames(
     pad = plan.pad_shape
     per_frame_masks = masks is not None
     if tame and not per_frame_masks and plan.levels is not None:
-        outliers = find_outliers(frames, plan.moving_mask, plan.levels)
+        # Streak cores are looked for everywhere but on the isolated defects (hot pixels are always bright), also
+        # under the beam-block, so that a streak crossing it is grown from both sides.
+        outliers = find_outliers(frames, ~(plan.fill.mask & ~plan.moving_mask), plan.levels) & plan.fill.mask
         hit = outliers.reshape(n_frames, -1).any(axis=1)
         if hit.any():
             return _register_with_outliers(plan, frames, outliers, hit, upsample_factor, workers)
