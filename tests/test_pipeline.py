@@ -101,8 +101,10 @@ def test_block_size_does_not_change_the_default_result(block_frames, drift_run, 
     """Defect detection and the iterative reference read a sample independent of the blocks."""
     expected = estimate_drift(drift_stack, mask=drift_run.beam_block, block_frames=8)
     ds = estimate_drift(drift_stack, mask=drift_run.beam_block, block_frames=block_frames)
-    for name in ("raw_shift", "sigma", "ncc", "valid", "reference", "mask", "defects"):
+    for name in ("raw_shift", "ncc", "valid", "reference", "mask", "defects"):
         np.testing.assert_array_equal(ds[name].values, expected[name].values, err_msg=name)
+    # sigma sums float32 products in matrix products whose blocking (and rounding) follows the batch size.
+    np.testing.assert_allclose(ds["sigma"].values, expected["sigma"].values, rtol=1e-12, atol=0)
 
 
 def test_input_kinds_and_path_agree(stored_inputs, drift_run, drift_stack):

@@ -80,7 +80,9 @@ def test_undeclared_hot_and_dead_pixels_are_found_and_stored(block_only):
     outside = run.beam_block
     assert np.all(codes[run.hot_pixels & outside] == DEFECT_CODES["hot"])
     assert np.all(codes[run.dead_pixels & outside] == DEFECT_CODES["dead"])
-    assert np.all(codes[~run.beam_block] == DEFECT_CODES["masked"])
+    covered = ~run.beam_block
+    assert np.all(codes[covered & ~run.hot_pixels] == DEFECT_CODES["masked"])
+    assert np.all(codes[covered & run.hot_pixels] == DEFECT_CODES["hot"])  # found under the mask too
     # The stored mask is the one used: beam-block and the found defects removed.
     np.testing.assert_array_equal(ds["mask"].values, codes == DEFECT_CODES["good"])
     assert not ds["mask"].values[run.hot_pixels | run.dead_pixels].any()

@@ -116,7 +116,8 @@ class DefectMap:
     Attributes
     ----------
     codes : ndarray of uint8, frame shape
-        Per pixel: 0 good, 1 masked by the user, 2 hot, 3 dead, 4 stuck, 5 unlit (see :data:`DEFECT_CODES`).
+        Per pixel: 0 good, 1 masked by the user, 2 hot (also where the user masked it), 3 dead, 4 stuck,
+        5 unlit (see :data:`DEFECT_CODES`).
     n_frames : int
         Lit frames the statistics were taken over.
     """
@@ -226,7 +227,11 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
     # The median of the neighbours is not swayed by a neighbouring defect; "mirror" never counts the pixel itself.
     around = ndi.rank_filter(x, rank=footprint.sum() // 2, footprint=footprint, mode="mirror")
     # Next to the user's mask the neighbours include masked pixels (a dark beam-block): no fair comparison there.
-    testable = ndi.binary_erosion(user, ndi.generate_binary_structure(ndim, ndim), border_value=1)
+    # Inside it they are all masked and the comparison is fair again (a hot pixel under the beam-block is found
+    # and coded hot, so the outlier search can leave it out).
+    structure = ndi.generate_binary_structure(ndim, ndim)
+    testable = ndi.binary_erosion(user, structure, border_value=1) | ndi.binary_erosion(~user, structure,
+                                                                                         border_value=1)
     hot = (np.mean(x > 2.0 * around + margin, axis=0) >= persistent) & testable
     dead = (np.mean(x < 0.5 * around - margin, axis=0) >= persistent) & testable
     raw = sample[lit]
@@ -239,8 +244,8 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
     sizes = np.bincount(labels.ravel())
     unlit = dim & (sizes[labels] >= _MIN_UNLIT_REGION) & (labels > 0) & find_unlit
     unlit = ndi.binary_dilation(unlit, structure=ndi.generate_binary_structure(ndim, ndim)) & ~hot & ~dead & ~stuck
-    for name, found in (("unlit", unlit), ("stuck", stuck), ("dead", dead), ("hot", hot)):
-        codes[found & user] = DEFECT_CODES[name]
+    for name, found in (("unlit", unlit & user), ("stuck", stuck & user), ("dead", dead & user), ("hot", hot)):
+        codes[found] = DEFECT_CODES[name]
     return DefectMap(codes=codes, n_frames=int(lit.sum()))
 
 

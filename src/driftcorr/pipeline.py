@@ -131,7 +131,7 @@ def find_defects(frames: xr.DataArray, user_mask, *, detect: bool = True) -> Def
     return detect_defects(sample, user_mask)
 
 
-def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shift=None):
+def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shift=None, bright_pixels=None):
     """Build the reference image of a stack from a specification (see :mod:`driftcorr.reference`).
 
     Returns
@@ -147,7 +147,8 @@ def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shi
     spec = parse_reference(reference, frames.shape[0])
     if spec.kind == "iterative":
         index = sample_indices(spec.start, spec.stop)
-        built = iterative_reference(_read_frames(frames, index), mask, max_shift=max_shift)
+        built = iterative_reference(_read_frames(frames, index), mask, max_shift=max_shift,
+                                    bright_pixels=bright_pixels)
         anchor = int(index[built.anchor])
         label = f"{spec}: {built.n_frames} aligned frames averaged, anchored on frame {anchor}"
         return built.image, built.mask, label, anchor
@@ -208,11 +209,12 @@ def estimate_drift(
     if not defects.mask.any():
         raise InputError("no pixel is left to register once the mask and the detected defects are removed; "
                          "check the mask (True marks the pixels to use)")
+    bright = np.isin(defects.codes, (DEFECT_CODES["hot"], DEFECT_CODES["stuck"]))
     image, image_mask, reference_label, anchor = make_reference(frames, cfg.reference, defects.mask,
-                                                                max_shift=cfg.max_shift)
+                                                                max_shift=cfg.max_shift, bright_pixels=bright)
     plan = make_plan(image, reference_mask=image_mask, moving_mask=defects.mask, max_shift=cfg.max_shift,
                      method=cfg.method, min_overlap=cfg.min_overlap, tame_outliers=cfg.tame_outliers,
-                     bandpass=cfg.bandpass)
+                     bright_pixels=bright, bandpass=cfg.bandpass)
     ndim = len(frame_shape)
     plan_key = dask.delayed(plan, pure=True)
     table = frames.data.map_blocks(

@@ -174,7 +174,9 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
     frames = np.asarray(frames, dtype=np.float64)
     # A cosmic-ray streak in one of the frames must not be averaged into the reference.
     masks = mask & ~find_outliers(frames, mask, intensity_levels(template, template_mask))
-    filled = np.stack([_fill_from_nearest(frame[None], ok)[0] for frame, ok in zip(frames, masks, strict=True)])
+    filled = _fill_from_nearest(frames, mask)
+    for i in np.flatnonzero(~np.all(masks == mask, axis=tuple(range(1, frames.ndim)))):
+        filled[i] = _fill_from_nearest(frames[i:i + 1], masks[i])[0]
     aligned = shift_frames(filled, shifts, order=order, cval=np.nan, dtype=np.float64)
     coverage = shift_frames(masks.astype(np.float64), shifts, order=1, cval=0.0, dtype=np.float64)
     valid = (coverage > 0.999) & np.isfinite(aligned)
@@ -196,7 +198,7 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
 
 
 def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift=None,
-                        upsample_factor: float = 20, min_ncc: float = 0.1) -> BuiltReference:
+                        upsample_factor: float = 20, min_ncc: float = 0.1, bright_pixels=None) -> BuiltReference:
     """Build a low-noise reference by registering a sample of frames and averaging the aligned frames.
 
     The first lit frame of the sample is the anchor: the sample is registered onto it, the trusted frames are
@@ -217,6 +219,8 @@ def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift
         Subpixel precision of the sample's registration.
     min_ncc : float
         Frames correlating worse are left out of the average.
+    bright_pixels : ndarray of bool, optional
+        Known static bright pixels (see :func:`driftcorr.registration.make_plan`).
 
     Returns
     -------
@@ -232,7 +236,8 @@ def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift
     good = sample[lit]
     image, image_mask, used = sample[anchor], mask, 1
     for _ in range(max(int(iterations), 1)):
-        plan = make_plan(image, reference_mask=image_mask, moving_mask=mask, max_shift=max_shift)
+        plan = make_plan(image, reference_mask=image_mask, moving_mask=mask, max_shift=max_shift,
+                         bright_pixels=bright_pixels)
         result = register_frames(plan, good, upsample_factor=upsample_factor)
         trusted = flag_frames(result.shift, result.ncc, min_ncc=min_ncc)
         if not trusted.any():

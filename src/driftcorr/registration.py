@@ -33,7 +33,7 @@ from .errors import InputError
 METHODS = ("ncc", "phase")
 
 #: Calibration factor of the uncertainty's variance (see :func:`_residual_sigma`).
-SIGMA_SCALE = 0.545
+SIGMA_SCALE = 0.63
 _MAX_NEWTON = 8
 _TRUST_RADIUS = 0.5
 _FLAT_RELATIVE = 1e-6
@@ -111,6 +111,7 @@ class ReferencePlan:
     static_maps: np.ndarray | None
     n_reference: float
     levels: IntensityLevels | None = None
+    outlier_search: np.ndarray | None = None
     residual_basis: ResidualBasis | None = None
     bandpass: BandPass | None = None
 
@@ -139,6 +140,18 @@ def _as_max_shift(max_shift, frame_shape: tuple[int, ...]) -> tuple[int, ...]:
                 f"max_shift must be smaller than the frame (got {max_shift!r} for {shape}); pass a smaller max_shift"
             )
     return out
+
+
+def _outlier_search(fill: FillPlan, moving_mask: np.ndarray, bright_pixels, frame_shape) -> np.ndarray:
+    """Pixels where streak cores are looked for: everywhere, the beam-block included (so a streak crossing it is
+    grown from both sides), but the isolated defects and the known bright pixels."""
+    search = ~(fill.mask & ~moving_mask)
+    if bright_pixels is not None:
+        bright = np.asarray(bright_pixels, dtype=bool)
+        if bright.shape != tuple(frame_shape):
+            raise InputError(f"bright_pixels must have the frame shape {tuple(frame_shape)} (got {bright.shape})")
+        search &= ~bright
+    return search
 
 
 def _as_bandpass(value) -> BandPass | None:
@@ -194,6 +207,7 @@ def make_plan(
     dtype=np.float32,
     workers: int = 1,
     tame_outliers: bool = True,
+    bright_pixels=None,
     bandpass=None,
 ) -> ReferencePlan:
     """Precompute the reference's transforms for registering many frames against it.
@@ -220,6 +234,9 @@ def make_plan(
     tame_outliers : bool
         Mask, in each moving frame, pixels far brighter than the reference's pattern can be (cosmic-ray
         streaks, saturated lines; see :func:`driftcorr.defects.find_outliers`) before correlating.
+    bright_pixels : array_like of bool, optional
+        Pixels known to be bright in every frame (hot pixels, also under the beam-block), left out of the
+        outlier search. Isolated invalid pixels of ``moving_mask`` are always left out.
     bandpass : (low, high) or BandPass, optional
         Filter the reference and every frame with a mask-aware difference of Gaussians of these scales, px
         (:mod:`driftcorr.bandpass`); ``high`` None for a low-pass only. Default: no filtering.
@@ -287,10 +304,11 @@ def make_plan(
         static_maps=maps,
         n_reference=float(ref_mask.sum()),
         levels=levels,
+        outlier_search=_outlier_search(fill, mov_mask, bright_pixels, frame_shape) if levels is not None else None,
         residual_basis=_residual_basis(f, ref_mask, fill.mask) if method == "ncc" else None,
         bandpass=band,
     )
-    for value in (plan.reference_mask, plan.moving_mask, plan.spec_f, plan.spec_mf, plan.spec_f2,
+    for value in (plan.outlier_search, plan.reference_mask, plan.moving_mask, plan.spec_f, plan.spec_mf, plan.spec_f2,
                   plan.spec_static, plan.static_maps):
         if value is not None:
             value.flags.writeable = False
@@ -369,9 +387,7 @@ def register_frames(
     pad = plan.pad_shape
     per_frame_masks = masks is not None
     if tame and not per_frame_masks and plan.levels is not None:
-        # Streak cores are looked for everywhere but on the isolated defects (hot pixels are always bright), also
-        # under the beam-block, so that a streak crossing it is grown from both sides.
-        outliers = find_outliers(frames, ~(plan.fill.mask & ~plan.moving_mask), plan.levels) & plan.fill.mask
+        outliers = find_outliers(frames, plan.outlier_search, plan.levels) & plan.fill.mask
         hit = outliers.reshape(n_frames, -1).any(axis=1)
         if hit.any():
             return _register_with_outliers(plan, frames, outliers, hit, upsample_factor, workers)
@@ -526,36 +542,43 @@ def _residual_sigma(plan, spec_g_conj, masks, shift, ok, workers) -> np.ndarray:
     aligned = sfft.irfftn(spectrum, s=pad, axes=tuple(range(-ndim, 0)), workers=workers)
     aligned = aligned[(slice(None), *(slice(0, n) for n in frame_shape))].reshape(len(rows), -1)
     per_frame = masks.ndim > ndim
-    tiles = _tile_labels(frame_shape)
+    structure = ndi.generate_binary_structure(ndim, 1)
+    use = np.empty(aligned.shape, dtype=np.float32)
     for k, t in enumerate(rows):
         inner = basis.moving_inner if not per_frame else ndi.binary_erosion(
-            masks[t], ndi.generate_binary_structure(ndim, 1), iterations=_RESIDUAL_MARGIN, border_value=0)
-        use = (_shifted_mask(inner, np.round(shift[t])) & basis.inner).ravel()
-        if use.sum() < 3 * ndim + 3:
-            continue
-        f = basis.image[use].astype(np.float64)
-        g = aligned[k, use].astype(np.float64)
-        fc = f - f.mean()
-        gain = float(fc @ (g - g.mean()) / max(fc @ fc, 1e-300))
-        if not gain > 0:
-            continue
-        residual = g - g.mean() - gain * fc
-        grad = basis.gradients[use].astype(np.float64)
-        a_mat = grad.T @ grad
-        score = residual[:, None] * grad
-        if plan.bandpass is None:
-            j_mat = score.T @ score
-        else:
-            label = tiles[use]
-            sums = np.stack([np.bincount(label, weights=score[:, i], minlength=tiles.max() + 1)
-                             for i in range(ndim)], axis=1)
-            j_mat = sums.T @ sums
-        try:
-            inv_a = np.linalg.inv(a_mat)
-        except np.linalg.LinAlgError:
-            continue
-        cov = SIGMA_SCALE * inv_a @ j_mat @ inv_a / gain**2
-        sigma[t] = np.sqrt(np.clip(np.diagonal(cov), 0, None))
+            masks[t], structure, iterations=_RESIDUAL_MARGIN, border_value=0)
+        use[k] = (_shifted_mask(inner, np.round(shift[t])) & basis.inner).ravel()
+    # Weighted sums over each frame's pixels, as matrix products (float64 accumulation of float32 terms).
+    f = basis.image.astype(np.float64)
+    count = use.sum(axis=1, dtype=np.float64)
+    g = aligned * use
+    sum_f, sum_ff = use @ f, use @ (f * f)
+    sum_g, sum_fg = g.sum(axis=1, dtype=np.float64), g @ f
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_f, mean_g = sum_f / count, sum_g / count
+        gain = (sum_fg - count * mean_f * mean_g) / (sum_ff - count * mean_f**2)
+    ok_rows = (count >= 3 * ndim + 3) & (gain > 0)
+    residual = (aligned - mean_g[:, None] - gain[:, None] * (f[None] - mean_f[:, None])) * use
+    grad = basis.gradients.astype(np.float64)
+    pairs = [(a, b) for a in range(ndim) for b in range(ndim)]
+    products = np.stack([grad[:, a] * grad[:, b] for a, b in pairs], axis=1)
+    a_mat = (use @ products).reshape(-1, ndim, ndim)
+    if plan.bandpass is None:
+        j_mat = ((residual * residual) @ products).reshape(-1, ndim, ndim)
+    else:
+        tiles = _tile_labels(frame_shape)
+        n_tiles = int(tiles.max()) + 1
+        sums = np.zeros((len(rows), n_tiles, ndim))
+        for axis in range(ndim):
+            score = residual * grad[:, axis]
+            for k in range(len(rows)):
+                sums[k, :, axis] = np.bincount(tiles, weights=score[k], minlength=n_tiles)
+        j_mat = np.einsum("kti,ktj->kij", sums, sums)
+    invertible = ok_rows & (np.linalg.det(np.where(ok_rows[:, None, None], a_mat, np.eye(ndim))) > 0)
+    inv_a = np.linalg.inv(np.where(invertible[:, None, None], a_mat, np.eye(ndim)))
+    cov = SIGMA_SCALE * inv_a @ j_mat @ inv_a / np.where(invertible, gain, 1.0)[:, None, None] ** 2
+    values = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0, None))
+    sigma[rows[invertible]] = values[invertible]
     return sigma
 
 
