@@ -203,3 +203,14 @@ def test_bandpass_rejects_bad_scales(tmp_path):
     assert result.exit_code == 2
     assert "bandpass" in result.output and "low" in result.output
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_example_config_file_is_valid():
+    """configs/correct.toml documents every robustness key; it must load and validate as it stands."""
+    from pathlib import Path
+
+    from driftcorr.config import load_config_file, make_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "correct.toml"
+    cfg = make_config(**load_config_file(path))
+    assert cfg.reference == "iterative" and cfg.detect_defects and cfg.tame_outliers and cfg.bandpass is None
