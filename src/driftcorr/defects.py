@@ -289,6 +289,16 @@ def intensity_levels(image, mask) -> IntensityLevels:
     return IntensityLevels(float(np.percentile(values, 1)), float(values.mean()), float(smooth.max()))
 
 
+def outlier_ceiling(levels: IntensityLevels, scale, *, factor: float = OUTLIER_FACTOR):
+    """Brightest value the pattern of a frame at ``scale`` times the reference's beam current can reach.
+
+    ``floor + factor * scale * (peak - floor) + 8 sqrt(scale * (peak - floor))`` (see :func:`find_outliers`).
+    """
+    span = levels.peak - levels.floor
+    scale = np.asarray(scale, dtype=np.float64)
+    return levels.floor + factor * scale * span + 8.0 * np.sqrt(np.maximum(scale * span, 1.0))
+
+
 def find_outliers(frames, mask, levels: IntensityLevels, *, factor: float = OUTLIER_FACTOR,
                   growth: int = OUTLIER_GROWTH) -> np.ndarray:
     """Frame-local outliers (cosmic-ray streaks, saturated lines): pixels far brighter than the pattern can be.
@@ -324,10 +334,10 @@ def find_outliers(frames, mask, levels: IntensityLevels, *, factor: float = OUTL
     count = max(int(mask.sum()), 1)
     mean = np.where(mask.ravel(), flat, 0).sum(axis=1, dtype=np.float64) / count
     span = levels.peak - levels.floor
-    scale = np.clip((mean - levels.floor) / max(levels.mean - levels.floor, 1e-12), 0.0, None)
-    ceiling = levels.floor + factor * scale * span + 8.0 * np.sqrt(np.maximum(scale * span, 1.0))
     if not np.isfinite(span) or span <= 0:
         return np.zeros(frames.shape, dtype=bool)
+    scale = np.clip((mean - levels.floor) / max(levels.mean - levels.floor, 1e-12), 0.0, None)
+    ceiling = outlier_ceiling(levels, scale, factor=factor)
     with np.errstate(invalid="ignore"):
         outliers = (frames > ceiling.reshape((-1,) + (1,) * ndim)) & mask
     if growth > 0:

@@ -27,7 +27,7 @@ import scipy.fft as sfft
 from scipy import ndimage as ndi
 
 from .bandpass import BandPass, bandpass_frames
-from .defects import FillPlan, IntensityLevels, fill_pixels, find_outliers, intensity_levels, plan_fill
+from .defects import FillPlan, IntensityLevels, fill_pixels, find_outliers, intensity_levels, outlier_ceiling, plan_fill
 from .errors import InputError
 
 METHODS = ("ncc", "phase")
@@ -142,10 +142,17 @@ def _as_max_shift(max_shift, frame_shape: tuple[int, ...]) -> tuple[int, ...]:
     return out
 
 
-def _outlier_search(fill: FillPlan, moving_mask: np.ndarray, bright_pixels, frame_shape) -> np.ndarray:
-    """Pixels where streak cores are looked for: everywhere, the beam-block included (so a streak crossing it is
-    grown from both sides), but the isolated defects and the known bright pixels."""
+def _outlier_search(reference, levels, fill: FillPlan, moving_mask: np.ndarray, bright_pixels) -> np.ndarray:
+    """Pixels where streak cores are looked for.
+
+    Everywhere, the beam-block included (so a streak crossing it is grown from both sides), but the isolated
+    defects, the known ``bright_pixels``, and pixels already too bright in the (unfiltered) reference: static
+    bright pixels under the beam-block, such as hot pixels the user masked.
+    """
+    frame_shape = reference.shape
     search = ~(fill.mask & ~moving_mask)
+    with np.errstate(invalid="ignore"):
+        search &= ~(np.asarray(reference, dtype=np.float64) > outlier_ceiling(levels, 1.0))
     if bright_pixels is not None:
         bright = np.asarray(bright_pixels, dtype=bool)
         if bright.shape != tuple(frame_shape):
@@ -271,6 +278,7 @@ def make_plan(
         raise InputError("reference has NaN or infinite values at valid pixels; mask them or pick another reference")
     band = _as_bandpass(bandpass)
     levels = intensity_levels(reference, ref_mask) if tame_outliers and method == "ncc" else None
+    search = _outlier_search(reference, levels, fill, mov_mask, bright_pixels) if levels is not None else None
     if band is not None:
         reference = bandpass_frames(reference[None], ref_mask, band, dtype=np.float64)[0]
 
@@ -304,7 +312,7 @@ def make_plan(
         static_maps=maps,
         n_reference=float(ref_mask.sum()),
         levels=levels,
-        outlier_search=_outlier_search(fill, mov_mask, bright_pixels, frame_shape) if levels is not None else None,
+        outlier_search=search,
         residual_basis=_residual_basis(f, ref_mask, fill.mask) if method == "ncc" else None,
         bandpass=band,
     )
@@ -543,34 +551,41 @@ def _residual_sigma(plan, spec_g_conj, masks, shift, ok, workers) -> np.ndarray:
     aligned = aligned[(slice(None), *(slice(0, n) for n in frame_shape))].reshape(len(rows), -1)
     per_frame = masks.ndim > ndim
     structure = ndi.generate_binary_structure(ndim, 1)
-    use = np.empty(aligned.shape, dtype=np.float32)
+    use = np.empty(aligned.shape, dtype=np.float64)
     for k, t in enumerate(rows):
         inner = basis.moving_inner if not per_frame else ndi.binary_erosion(
             masks[t], structure, iterations=_RESIDUAL_MARGIN, border_value=0)
         use[k] = (_shifted_mask(inner, np.round(shift[t])) & basis.inner).ravel()
-    # Weighted sums over each frame's pixels, as matrix products (float64 accumulation of float32 terms).
+    # Weighted sums over each frame's pixels as float64 matrix products: float32 sums would round differently
+    # with the batch size, and a frame's result must not depend on the block it is registered in.
     f = basis.image.astype(np.float64)
-    count = use.sum(axis=1, dtype=np.float64)
-    g = aligned * use
-    sum_f, sum_ff = use @ f, use @ (f * f)
-    sum_g, sum_fg = g.sum(axis=1, dtype=np.float64), g @ f
+    aligned = aligned.astype(np.float64)
+    moments = use @ np.stack([np.ones_like(f), f, f * f], axis=1)  # count, sum f, sum f^2
+    weighted = aligned * use
+    cross = weighted @ np.stack([np.ones_like(f), f], axis=1)  # sum g, sum f g
+    count, sum_f, sum_ff = (moments[:, i].astype(np.float64) for i in range(3))
+    sum_g, sum_fg = cross[:, 0].astype(np.float64), cross[:, 1].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_f, mean_g = sum_f / count, sum_g / count
         gain = (sum_fg - count * mean_f * mean_g) / (sum_ff - count * mean_f**2)
     ok_rows = (count >= 3 * ndim + 3) & (gain > 0)
-    residual = (aligned - mean_g[:, None] - gain[:, None] * (f[None] - mean_f[:, None])) * use
+    # residual = (g - mean_g - gain (f - mean_f)) on the used pixels, built in place
+    residual = weighted
+    residual -= np.nan_to_num(gain)[:, None] * f[None]
+    residual -= np.nan_to_num(mean_g - gain * mean_f)[:, None]
+    residual *= use
     grad = basis.gradients.astype(np.float64)
     pairs = [(a, b) for a in range(ndim) for b in range(ndim)]
     products = np.stack([grad[:, a] * grad[:, b] for a, b in pairs], axis=1)
-    a_mat = (use @ products).reshape(-1, ndim, ndim)
+    a_mat = (use @ products).astype(np.float64).reshape(-1, ndim, ndim)
     if plan.bandpass is None:
-        j_mat = ((residual * residual) @ products).reshape(-1, ndim, ndim)
+        j_mat = ((residual * residual) @ products).astype(np.float64).reshape(-1, ndim, ndim)
     else:
         tiles = _tile_labels(frame_shape)
         n_tiles = int(tiles.max()) + 1
         sums = np.zeros((len(rows), n_tiles, ndim))
         for axis in range(ndim):
-            score = residual * grad[:, axis]
+            score = (residual * grad[:, axis]).astype(np.float64)
             for k in range(len(rows)):
                 sums[k, :, axis] = np.bincount(tiles, weights=score[k], minlength=n_tiles)
         j_mat = np.einsum("kti,ktj->kij", sums, sums)
