@@ -5,8 +5,9 @@ is divided by the same smoothing of the mask, so masked pixels neither pull the 
 step at the mask's edge. The low-pass scale averages shot noise over neighbouring pixels; the high-pass scale
 removes a slowly varying background.
 
-It is optional (``bandpass`` in the configuration): the masked NCC already weighs the pattern as a matched filter,
-and on the synthetic runs of ``benchmarks/`` the band-pass did not lower the error even at 0.01x counts.
+It is optional (``bandpass`` in the configuration): the masked NCC already weighs the pattern as a matched filter.
+On the synthetic runs of ``benchmarks/bandpass.py`` a (1, 12) px band-pass lowered the error by ~15 % at 0.01x
+counts and did nothing or harm at 0.1x counts.
 
 References
 ----------
