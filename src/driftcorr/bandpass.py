@@ -41,7 +41,7 @@ class BandPass:
                              "e.g. bandpass = [1, 12]")
 
 
-def bandpass_frames(frames, mask, band: BandPass, *, dtype=np.float32) -> np.ndarray:
+def bandpass_frames(frames, mask, band: BandPass, *, keep=None, dtype=np.float32) -> np.ndarray:
     """Band-pass frames by normalized convolution.
 
     Parameters
@@ -50,13 +50,16 @@ def bandpass_frames(frames, mask, band: BandPass, *, dtype=np.float32) -> np.nda
     mask : array_like of bool, frame shape or (n, *frame_shape)
         Valid pixels (one mask for all frames, or one per frame).
     band : BandPass
+    keep : array_like of bool, optional
+        Pixels whose filtered value is returned (default ``mask``): pass a larger mask to keep the values the
+        normalized convolution gives isolated holes, which it fills from their neighbours.
     dtype : dtype
         Floating output dtype.
 
     Returns
     -------
     ndarray, shape (n, *frame_shape)
-        The filtered frames; 0 where ``mask`` is False.
+        The filtered frames; 0 where ``keep`` is False.
     """
     frames = np.asarray(frames, dtype=dtype)
     mask = np.asarray(mask, dtype=bool)
@@ -66,7 +69,7 @@ def bandpass_frames(frames, mask, band: BandPass, *, dtype=np.float32) -> np.nda
     out = _normalized(clean, weights, band.low, ndim)
     if band.high is not None:
         out -= _normalized(clean, weights, band.high, ndim)
-    out *= mask
+    out *= mask if keep is None else np.asarray(keep, dtype=bool)
     return out
 
 

@@ -407,9 +407,10 @@ def register_frames(
     frames = np.where(np.isfinite(frames), frames, 0) if not finite.all() else frames
     fill = None if per_frame_masks else plan.fill
     if plan.bandpass is not None:
-        # Normalized convolution fills isolated holes from their neighbours by itself.
+        # Normalized convolution fills isolated holes from their neighbours by itself; their filled values are
+        # kept (a zero there would be a static dip in every frame, pulling the peak to zero lag).
         frames = bandpass_frames(frames, mask if per_frame_masks else plan.moving_mask, plan.bandpass,
-                                 dtype=plan.dtype)
+                                 keep=mask, dtype=plan.dtype)
         fill = None
     g = _centred(frames, mask, plan.dtype, ndim, fill=fill)
     spec_g = _rfft_padded(g, pad, workers)
