@@ -214,3 +214,18 @@ def test_example_config_file_is_valid():
     path = Path(__file__).resolve().parents[1] / "configs" / "correct.toml"
     cfg = make_config(**load_config_file(path))
     assert cfg.reference == "iterative" and cfg.detect_defects and cfg.tame_outliers and cfg.bandpass is None
+
+
+def test_correct_takes_the_robustness_options(tmp_path):
+    """The Python entry point takes the same switches as the CLI and stores them in the output's config."""
+    from driftcorr import correct
+
+    run = make_run(16, (64, 64), seed=51)
+    out = correct(run.stack(), tmp_path / "out.zarr", mask=run.beam_block, detect_defects=False,
+                  tame_outliers=False, bandpass=(1.0, 8.0), estimate_only=True)
+    config = out.attrs["config"]
+    config = json.loads(config) if isinstance(config, str) else config
+    assert config["detect_defects"] is False and config["tame_outliers"] is False
+    assert config["bandpass"] == [1.0, 8.0]
+    # Detection off: only the user's mask is used.
+    np.testing.assert_array_equal(out["mask"].values, run.beam_block)

@@ -341,6 +341,9 @@ def correct(
     upsample_factor: float | None = None,
     max_shift: int | None = None,
     method: str | None = None,
+    detect_defects: bool | None = None,
+    tame_outliers: bool | None = None,
+    bandpass: tuple[float, float | None] | None = None,
     interpolation_order: int | None = None,
     block_frames: int | None = None,
     array: str | None = None,
@@ -356,7 +359,7 @@ def correct(
         The raw stack (see :func:`estimate_drift`).
     output : str or path-like
         Location of the output Zarr v3 group.
-    mask, reference, upsample_factor, max_shift, method, block_frames, array
+    mask, reference, upsample_factor, max_shift, method, detect_defects, tame_outliers, bandpass, block_frames, array
         As in :func:`estimate_drift`.
     interpolation_order : int, optional
         Spline order used to shift frames.
@@ -373,7 +376,8 @@ def correct(
         The written output, opened lazily.
     """
     cfg = _resolve_config(config, reference=reference, upsample_factor=upsample_factor, max_shift=max_shift,
-                          method=method, interpolation_order=interpolation_order, block_frames=block_frames,
+                          method=method, detect_defects=detect_defects, tame_outliers=tame_outliers,
+                          bandpass=bandpass, interpolation_order=interpolation_order, block_frames=block_frames,
                           array=array)
     frames = as_stack(input, array=cfg.array, block_frames=cfg.block_frames)
     source = frames.attrs.get("source")
