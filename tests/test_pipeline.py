@@ -416,3 +416,9 @@ def test_missing_input(tmp_path):
         open_stack(tmp_path / "missing.zarr")
     with pytest.raises(InputError):
         correct(tmp_path / "missing.zarr", tmp_path / "out.zarr")
+
+
+def test_sample_is_read_once(compute_counter, drift_run, drift_stack):
+    """Defect detection and the iterative reference share one read of the sample; then one registration graph."""
+    estimate_drift(da.from_array(drift_stack, chunks=(8, 128, 128)), mask=drift_run.beam_block)
+    assert compute_counter.calls == 2

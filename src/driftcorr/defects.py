@@ -125,6 +125,13 @@ class DefectMap:
     codes: np.ndarray
     n_frames: int
 
+    @classmethod
+    def from_mask(cls, mask, frame_shape: tuple[int, ...]) -> DefectMap:
+        """The user's mask alone (None: every pixel good), before any detection."""
+        valid = np.ones(frame_shape, bool) if mask is None else np.asarray(mask, dtype=bool)
+        codes = np.where(valid, DEFECT_CODES["good"], DEFECT_CODES["masked"]).astype(np.uint8)
+        return cls(codes=codes, n_frames=0)
+
     @property
     def mask(self) -> np.ndarray:
         """True where the pixel is used for registration."""
@@ -135,7 +142,7 @@ class DefectMap:
         return {name: int(np.count_nonzero(self.codes == code)) for name, code in DEFECT_CODES.items()}
 
 
-def _noise_scale(x: np.ndarray, ndim: int) -> np.ndarray:
+def _noise_scale(x: np.ndarray) -> np.ndarray:
     """Robust per-frame noise from differences of neighbouring pixels (a smooth pattern hardly contributes).
 
     ``x`` has frames along its first axis; differences are taken along its last axis.
@@ -170,7 +177,7 @@ def lit_frames(frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         signal[finite] = np.percentile(flat[finite], 99, axis=1) - dark[finite]
     lit = finite.copy()
     if finite.any():
-        noise = _noise_scale(flat[finite], 1)
+        noise = _noise_scale(flat[finite])
         lit[finite] = ((signal[finite] > _LIT_OVER_NOISE * noise) & (signal[finite] > 0)
                        & (signal[finite] >= _LIT_FRACTION * np.median(signal[finite])))
     return lit, dark, signal
@@ -214,13 +221,13 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
     sample = np.asarray(sample, dtype=np.float64)
     ndim = sample.ndim - 1
     frame_shape = sample.shape[1:]
-    user = np.ones(frame_shape, bool) if mask is None else np.asarray(mask, dtype=bool)
-    codes = np.where(user, DEFECT_CODES["good"], DEFECT_CODES["masked"]).astype(np.uint8)
+    codes = DefectMap.from_mask(mask, frame_shape).codes
+    user = codes == DEFECT_CODES["good"]
     lit, dark, signal = lit_frames(sample)
     if lit.sum() < 2:
         return DefectMap(codes=codes, n_frames=int(lit.sum()))
     x = sample[lit] - dark[lit].reshape((-1,) + (1,) * ndim)
-    noise = np.maximum(_noise_scale(x, ndim), 1e-12 * np.maximum(signal[lit], 1.0))
+    noise = np.maximum(_noise_scale(x), 1e-12 * np.maximum(signal[lit], 1.0))
     margin = (5.0 * noise).reshape((-1,) + (1,) * ndim)
     footprint = np.ones((1,) + (3,) * ndim, dtype=bool)
     footprint[(0,) + (1,) * ndim] = False
@@ -234,8 +241,8 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
                                                                                          border_value=1)
     hot = (np.mean(x > 2.0 * around + margin, axis=0) >= persistent) & testable
     dead = (np.mean(x < 0.5 * around - margin, axis=0) >= persistent) & testable
-    raw = sample[lit]
-    stuck = (np.ptp(raw, axis=0) == 0) & (np.ptp(raw, axis=0).max() > 0) & ~hot & ~dead
+    spread = np.ptp(sample[lit], axis=0)
+    stuck = (spread == 0) & (spread.max() > 0) & ~hot & ~dead
     if find_unlit is None:
         find_unlit = mask is None
     level = np.maximum(margin, unlit_level * signal[lit].reshape(margin.shape))
@@ -243,7 +250,7 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
     labels, _ = ndi.label(dim)
     sizes = np.bincount(labels.ravel())
     unlit = dim & (sizes[labels] >= _MIN_UNLIT_REGION) & (labels > 0) & find_unlit
-    unlit = ndi.binary_dilation(unlit, structure=ndi.generate_binary_structure(ndim, ndim)) & ~hot & ~dead & ~stuck
+    unlit = ndi.binary_dilation(unlit, structure=structure) & ~hot & ~dead & ~stuck
     for name, found in (("unlit", unlit & user), ("stuck", stuck & user), ("dead", dead & user), ("hot", hot)):
         codes[found] = DEFECT_CODES[name]
     return DefectMap(codes=codes, n_frames=int(lit.sum()))

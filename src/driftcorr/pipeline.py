@@ -87,7 +87,7 @@ def as_stack(stack, *, array: str | None = None, block_frames: int | None = None
 
 
 def _mask_array(mask, frame_shape: tuple[int, ...]):
-    """A mask given as a path is read here; its shape and content are checked by ``make_plan``."""
+    """A mask given as a path is read here; its shape and content are checked by :func:`find_defects`."""
     if isinstance(mask, str | os.PathLike):
         return store.load_mask(mask, frame_shape)
     return mask
@@ -112,11 +112,21 @@ def sample_indices(start: int, stop: int, max_frames: int = SAMPLE_FRAMES) -> np
     return np.unique(np.concatenate([np.arange(start, min(start + _FIRST_FRAMES, stop)), spread]))
 
 
-def _read_frames(frames: xr.DataArray, index: np.ndarray) -> np.ndarray:
-    return np.asarray(frames.data[index].compute())
+class _Sample:
+    """Frames of a stack read once, by index, for the steps that look at a sample (defects, reference)."""
+
+    def __init__(self, frames: xr.DataArray):
+        self._frames = frames
+        self._read: dict[tuple[int, ...], np.ndarray] = {}
+
+    def get(self, index: np.ndarray) -> np.ndarray:
+        key = tuple(int(i) for i in index)
+        if key not in self._read:
+            self._read[key] = np.asarray(self._frames.data[np.asarray(index)].compute())
+        return self._read[key]
 
 
-def find_defects(frames: xr.DataArray, user_mask, *, detect: bool = True) -> DefectMap:
+def find_defects(frames: xr.DataArray, user_mask, *, detect: bool = True, sample: _Sample | None = None) -> DefectMap:
     """Static defects of a stack from a sample of its frames (:func:`driftcorr.defects.detect_defects`).
 
     With ``detect`` False only the user's mask is taken (coded 1 where False).
@@ -125,13 +135,13 @@ def find_defects(frames: xr.DataArray, user_mask, *, detect: bool = True) -> Def
     if user_mask is not None:
         user_mask = check_mask(user_mask, frame_shape)
     if not detect:
-        valid = np.ones(frame_shape, bool) if user_mask is None else user_mask
-        return DefectMap(codes=np.where(valid, 0, DEFECT_CODES["masked"]).astype(np.uint8), n_frames=0)
-    sample = _read_frames(frames, sample_indices(0, frames.shape[0]))
-    return detect_defects(sample, user_mask)
+        return DefectMap.from_mask(user_mask, frame_shape)
+    sample = sample or _Sample(frames)
+    return detect_defects(sample.get(sample_indices(0, frames.shape[0])), user_mask)
 
 
-def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shift=None, bright_pixels=None):
+def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shift=None, bright_pixels=None,
+                   sample: _Sample | None = None):
     """Build the reference image of a stack from a specification (see :mod:`driftcorr.reference`).
 
     Returns
@@ -147,12 +157,12 @@ def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shi
     spec = parse_reference(reference, frames.shape[0])
     if spec.kind == "iterative":
         index = sample_indices(spec.start, spec.stop)
-        built = iterative_reference(_read_frames(frames, index), mask, max_shift=max_shift,
+        built = iterative_reference((sample or _Sample(frames)).get(index), mask, max_shift=max_shift,
                                     bright_pixels=bright_pixels)
         anchor = int(index[built.anchor])
         label = f"{spec}: {built.n_frames} aligned frames averaged, anchored on frame {anchor}"
         return built.image, built.mask, label, anchor
-    selected = _read_frames(frames, np.arange(spec.start, spec.stop))
+    selected = np.asarray(frames.data[spec.start:spec.stop].compute())
     image = combine_frames(selected, spec.kind)
     if not np.all(np.isfinite(image[mask])):
         raise InputError(f"reference {spec} contains NaN or infinite pixels; choose another reference frame")
@@ -205,13 +215,15 @@ def estimate_drift(
                           tame_outliers=tame_outliers, bandpass=bandpass, block_frames=block_frames, array=array)
     frames = as_stack(stack, array=cfg.array, block_frames=cfg.block_frames)
     frame_shape = tuple(frames.shape[1:])
-    defects = find_defects(frames, _mask_array(mask, frame_shape), detect=cfg.detect_defects)
+    sample = _Sample(frames)  # read once: defect detection and the iterative reference share it
+    defects = find_defects(frames, _mask_array(mask, frame_shape), detect=cfg.detect_defects, sample=sample)
     if not defects.mask.any():
         raise InputError("no pixel is left to register once the mask and the detected defects are removed; "
                          "check the mask (True marks the pixels to use)")
     bright = np.isin(defects.codes, (DEFECT_CODES["hot"], DEFECT_CODES["stuck"]))
     image, image_mask, reference_label, anchor = make_reference(frames, cfg.reference, defects.mask,
-                                                                max_shift=cfg.max_shift, bright_pixels=bright)
+                                                                max_shift=cfg.max_shift, bright_pixels=bright,
+                                                                sample=sample)
     plan = make_plan(image, reference_mask=image_mask, moving_mask=defects.mask, max_shift=cfg.max_shift,
                      method=cfg.method, min_overlap=cfg.min_overlap, tame_outliers=cfg.tame_outliers,
                      bright_pixels=bright, bandpass=cfg.bandpass)
