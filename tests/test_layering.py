@@ -1,6 +1,6 @@
 """The layers of DESIGN §2 stay honest: imports only point down (parsed with ``ast``, nothing is imported).
 
-kernels (registration, reference, defects, bandpass, trajectory, warp, synthetic; plus errors)  <  store  <
+kernels (registration, residual, reference, defects, bandpass, trajectory, warp, synthetic; plus errors)  <  store  <
 pipeline  <  edge (cli, config, demo). Only store touches zarr/fsspec; only pipeline builds Dask graphs (store may
 use dask.array to read and write Zarr).
 """
@@ -18,7 +18,7 @@ PACKAGE = "driftcorr"
 SOURCE = Path(driftcorr.__file__).resolve().parent
 MODULES = {path.stem: path for path in sorted(SOURCE.glob("*.py"))}
 
-KERNELS = ("registration", "reference", "defects", "bandpass", "trajectory", "warp", "synthetic")
+KERNELS = ("registration", "residual", "reference", "defects", "bandpass", "trajectory", "warp", "synthetic")
 UPPER = ("pipeline", "store", "cli", "config", "demo")
 HEAVY = ("dask", "distributed", "zarr", "xarray", "fsspec", "click", "pydantic")
 

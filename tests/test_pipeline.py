@@ -44,18 +44,20 @@ def _numpy_loop(frames, mask, **plan_options):
 
 
 def _assert_matches_loop(ds, expected):
-    np.testing.assert_allclose(ds["raw_shift"].values, expected["shift"], atol=1e-9, rtol=0)
+    # Shifts are measured from the anchor frame: its own shift against the reference is subtracted from all.
+    anchor = ds.attrs["reference_frame"]
+    offset = expected["shift"][anchor]
+    np.testing.assert_allclose(ds.attrs["anchor_offset"], offset, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(ds["raw_shift"].values, expected["shift"] - offset, atol=1e-9, rtol=0)
     for name in QUALITY[1:]:
         np.testing.assert_allclose(ds[name].values, expected[name], atol=1e-9, rtol=0, err_msg=name)
     valid = ds["valid"].values
-    # sigma adds the anchor (reference) frame's own uncertainty; flagged frames take their neighbours'.
-    anchor = ds.attrs["reference_frame"]
+    # sigma adds the anchor frame's own uncertainty (0 for itself); flagged frames take their neighbours'.
     total = np.sqrt(expected["sigma"] ** 2 + expected["sigma"][anchor] ** 2)
+    total[anchor] = 0.0
     np.testing.assert_allclose(ds["sigma"].values[valid], total[valid], atol=1e-9, rtol=0)
     np.testing.assert_allclose(ds.attrs["sigma_anchor"], expected["sigma"][anchor], atol=1e-12, rtol=0)
     np.testing.assert_array_equal(ds["shift"].values[valid], ds["raw_shift"].values[valid])
-
-
 
 
 @pytest.fixture(

@@ -239,17 +239,21 @@ def estimate_drift(
     quality = {name: values[:, 2 * ndim + i] for i, name in enumerate(_QUALITY)}
     valid = flag_frames(raw_shift, quality["ncc"], min_ncc=cfg.min_ncc, max_shift=plan.max_shift)
     shift = fill_invalid(raw_shift, valid)
+    # Relative to the anchor frame itself, not to wherever the averaged reference happens to lie.
+    origin = np.where(np.isfinite(shift[anchor]), shift[anchor], 0.0)
+    shift, raw_shift = shift - origin, raw_shift - origin
     sigma, sigma_anchor = _with_anchor_uncertainty(sigma, valid, anchor)
     return _drift_dataset(frames, shift=shift, raw_shift=raw_shift, sigma=sigma, valid=valid, quality=quality,
                           reference=image, reference_mask=image_mask, defects=defects,
-                          reference_label=reference_label, anchor=anchor, sigma_anchor=sigma_anchor, cfg=cfg)
+                          reference_label=reference_label, anchor=anchor, sigma_anchor=sigma_anchor,
+                          anchor_offset=origin, cfg=cfg)
 
 
 def _with_anchor_uncertainty(sigma: np.ndarray, valid: np.ndarray, anchor: int) -> tuple[np.ndarray, np.ndarray]:
     """Add the uncertainty of the anchor frame's own registration to every frame's.
 
-    Shifts are relative to the anchor frame's coordinates, which are known only as well as the anchor frame
-    registers onto the reference; that error is common to all frames. (For a single-frame reference it is 0.)
+    Shifts are relative to the anchor frame (its own shift against the reference is subtracted from all), so
+    they carry its registration error, common to all frames. (For a single-frame reference it is 0.)
     Flagged frames, whose shift is interpolated, keep the uncertainty of their nearest trusted neighbours.
     """
     sigma = np.asarray(sigma, dtype=np.float64)
@@ -257,11 +261,12 @@ def _with_anchor_uncertainty(sigma: np.ndarray, valid: np.ndarray, anchor: int) 
     if not np.all(np.isfinite(own)):
         own = np.nanmedian(sigma[valid], axis=0) if valid.any() else np.full(sigma.shape[1], np.nan)
     total = np.sqrt(fill_invalid(sigma, valid & np.all(np.isfinite(sigma), axis=1)) ** 2 + own**2)
+    total[anchor] = 0.0  # the anchor frame's shift is 0 by definition
     return total, own
 
 
 def _drift_dataset(frames, *, shift, raw_shift, sigma, valid, quality, reference, reference_mask, defects,
-                   reference_label, anchor, sigma_anchor, cfg):
+                   reference_label, anchor, sigma_anchor, anchor_offset, cfg):
     spatial = frames.dims[1:]
     coords = {name: coord for name, coord in frames.coords.items() if coord.dims == ("frame",)}
     coords["axis"] = ("axis", np.array(spatial, dtype=object))
@@ -292,7 +297,8 @@ def _drift_dataset(frames, *, shift, raw_shift, sigma, valid, quality, reference
     }
     attrs = {"driftcorr_version": version("driftcorr"), "config": cfg.model_dump(mode="json"),
              "config_digest": cfg.digest(), "input": frames.attrs.get("source", "in-memory array"),
-             "reference_frame": int(anchor), "sigma_anchor": [float(v) for v in sigma_anchor]}
+             "reference_frame": int(anchor), "sigma_anchor": [float(v) for v in sigma_anchor],
+             "anchor_offset": [float(v) for v in anchor_offset]}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 

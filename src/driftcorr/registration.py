@@ -29,16 +29,16 @@ from scipy import ndimage as ndi
 from .bandpass import BandPass, bandpass_frames
 from .defects import FillPlan, IntensityLevels, fill_pixels, find_outliers, intensity_levels, outlier_ceiling, plan_fill
 from .errors import InputError
+from .residual import ResidualBasis, residual_basis, residual_step
 
 METHODS = ("ncc", "phase")
 
-#: Calibration factor of the uncertainty's variance (see :func:`_residual_sigma`).
-SIGMA_SCALE = 0.63
 _MAX_NEWTON = 8
 _TRUST_RADIUS = 0.5
 _FLAT_RELATIVE = 1e-6
-#: Pixels this close to a mask edge are left out of the residual uncertainty (interpolation ringing).
-_RESIDUAL_MARGIN = 2
+#: A reference whose point reflection correlates at least this well has a centre of symmetry (a diffraction
+#: pattern): intensity changes symmetric about it are absorbed by the final step (:mod:`driftcorr.residual`).
+SYMMETRY_MIN_NCC = 0.8
 
 
 @dataclass(frozen=True)
@@ -64,28 +64,6 @@ class RegistrationResult:
     ncc: np.ndarray
     overlap: np.ndarray
     second_peak: np.ndarray
-
-
-@dataclass(frozen=True, eq=False)
-class ResidualBasis:
-    """What the residual (sandwich) uncertainty needs of the reference; see :func:`_residual_sigma`.
-
-    Attributes
-    ----------
-    image : ndarray, float32, shape (pixels,)
-        The centred reference, flattened (0 outside its mask).
-    inner : ndarray of bool, frame shape
-        Reference pixels at least :data:`_RESIDUAL_MARGIN` px inside its mask.
-    moving_inner : ndarray of bool, frame shape
-        The same for the moving frames' mask.
-    gradients : ndarray, float32, shape (pixels, ndim)
-        The reference's gradient, flattened.
-    """
-
-    image: np.ndarray
-    inner: np.ndarray
-    moving_inner: np.ndarray
-    gradients: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,6 +194,7 @@ def make_plan(
     tame_outliers: bool = True,
     bright_pixels=None,
     bandpass=None,
+    radial_intensity: bool = True,
 ) -> ReferencePlan:
     """Precompute the reference's transforms for registering many frames against it.
 
@@ -247,6 +226,10 @@ def make_plan(
     bandpass : (low, high) or BandPass, optional
         Filter the reference and every frame with a mask-aware difference of Gaussians of these scales, px
         (:mod:`driftcorr.bandpass`); ``high`` None for a low-pass only. Default: no filtering.
+    radial_intensity : bool
+        When the reference has a centre of point symmetry (a diffraction pattern), let intensity changes
+        symmetric about it (rings brightening or fading) not bias the shifts (:mod:`driftcorr.residual`).
+        References without one are registered as if this were False.
 
     Returns
     -------
@@ -277,6 +260,7 @@ def make_plan(
     if not np.all(np.isfinite(reference[ref_mask])):
         raise InputError("reference has NaN or infinite values at valid pixels; mask them or pick another reference")
     band = _as_bandpass(bandpass)
+    centre = symmetry_centre(reference, ref_mask, workers=workers) if radial_intensity and method == "ncc" else None
     levels = intensity_levels(reference, ref_mask) if tame_outliers and method == "ncc" else None
     search = _outlier_search(reference, levels, fill, mov_mask, bright_pixels) if levels is not None else None
     if band is not None:
@@ -313,7 +297,7 @@ def make_plan(
         n_reference=float(ref_mask.sum()),
         levels=levels,
         outlier_search=search,
-        residual_basis=_residual_basis(f, ref_mask, fill.mask) if method == "ncc" else None,
+        residual_basis=residual_basis(f, ref_mask, fill.mask, centre) if method == "ncc" else None,
         bandpass=band,
     )
     for value in (plan.outlier_search, plan.reference_mask, plan.moving_mask, plan.spec_f, plan.spec_mf, plan.spec_f2,
@@ -323,16 +307,37 @@ def make_plan(
     return plan
 
 
-def _residual_basis(f: np.ndarray, ref_mask: np.ndarray, moving_mask: np.ndarray) -> ResidualBasis:
-    """Precompute the reference side of the sandwich uncertainty (see :func:`_residual_sigma`)."""
-    ndim = f.ndim
-    structure = ndi.generate_binary_structure(ndim, 1)
-    inner = ndi.binary_erosion(ref_mask, structure, iterations=_RESIDUAL_MARGIN, border_value=0)
-    moving_inner = ndi.binary_erosion(moving_mask, structure, iterations=_RESIDUAL_MARGIN, border_value=0)
-    grads = np.gradient(f) if ndim > 1 else [np.gradient(f)]
-    gradients = np.stack([g.ravel() for g in grads], axis=1).astype(np.float32)
-    return ResidualBasis(image=f.ravel().astype(np.float32), inner=inner, moving_inner=moving_inner,
-                         gradients=gradients)
+def symmetry_centre(reference, mask, *, workers: int = 1) -> np.ndarray | None:
+    """Centre of point symmetry of an image, found by registering it onto its own point reflection.
+
+    Parameters
+    ----------
+    reference : ndarray
+        The image (or volume).
+    mask : ndarray of bool
+        Its valid pixels.
+    workers : int
+        Threads used by each FFT.
+
+    Returns
+    -------
+    ndarray of float, shape (ndim,), or None
+        The centre (px, array axis order), or None when the reflection correlates less than
+        :data:`SYMMETRY_MIN_NCC` within a quarter of the frame of the middle.
+    """
+    reference = np.asarray(reference)
+    flip = (slice(None, None, -1),) * reference.ndim
+    window = tuple(max(1, n // 4) for n in reference.shape)
+    plan = make_plan(reference, reference_mask=mask, moving_mask=mask[flip], max_shift=window,
+                     tame_outliers=False, radial_intensity=False, workers=workers)
+    reflected = np.where(mask, reference, 0)[flip]
+    result = register_frames(plan, reflected[None], upsample_factor=100, workers=workers, tame=False)
+    shift = result.shift[0]
+    inside = np.all(np.abs(shift) < np.asarray(window) - 1)
+    if not (result.ncc[0] >= SYMMETRY_MIN_NCC and inside):
+        return None
+    # Symmetric about c: reflected(x) = f(N - 1 - x) = f(x + 2c - N + 1), so the shift is 2c - N + 1.
+    return (shift + np.asarray(reference.shape) - 1) / 2
 
 
 def _ncc_from_terms(n, sf, sff, sg, sgg, sfg, min_count):
@@ -464,7 +469,9 @@ def register_frames(
         sigma = np.full(shift.shape, np.nan)  # no uncertainty model for phase correlation
     else:
         del spectra
-        sigma = _residual_sigma(plan, spec_g, mask, shift, ok, workers)
+        shift, sigma = residual_step(plan.residual_basis, spec_g, np.asarray(mask), shift, ok, pad,
+                                     refine=upsample_factor > 1, clustered=plan.bandpass is not None,
+                                     workers=workers)
     shift[~ok] = np.nan
     sigma[~ok] = np.nan
     value = np.where(ok, value, np.nan)
@@ -495,107 +502,6 @@ def _register_with_outliers(plan, frames, outliers, hit, upsample_factor, worker
             out[rows] = getattr(result, name)
         merged[name] = out
     return RegistrationResult(**merged)
-
-
-def _shifted_mask(mask: np.ndarray, offset) -> np.ndarray:
-    """``mask`` moved by a whole-pixel ``offset`` (False where it comes from outside)."""
-    out = np.zeros_like(mask)
-    src, dst = [], []
-    for size, d in zip(mask.shape, offset, strict=True):
-        d = int(d)
-        src.append(slice(max(-d, 0), size - max(d, 0)))
-        dst.append(slice(max(d, 0), size - max(-d, 0)))
-    out[tuple(dst)] = mask[tuple(src)]
-    return out
-
-
-#: Side of the tiles whose residual scores are summed before squaring when the residual is spatially correlated.
-_TILE = 16
-
-
-def _tile_labels(frame_shape) -> np.ndarray:
-    """Flat index of the square tile each pixel belongs to."""
-    grids = np.meshgrid(*[np.arange(n) // _TILE for n in frame_shape], indexing="ij")
-    counts = [-(-n // _TILE) for n in frame_shape]
-    return np.ravel_multi_index(tuple(grids), counts).ravel()
-
-
-def _residual_sigma(plan, spec_g_conj, masks, shift, ok, workers) -> np.ndarray:
-    """1-sigma shift uncertainty per axis from the residual of each registered frame (a sandwich estimator).
-
-    The frame is shifted onto the reference by its estimated shift (exactly, in Fourier space), its gain ``a``
-    and offset ``b`` are fitted, and the residual ``r = g - a f - b`` is taken over the pixels both masks hold
-    well inside. Linearizing ``g(x) = a f(x - d) + b + r``, the least-squares shift has covariance
-    ``inv(A) J inv(A) / a**2`` with ``A = sum(grad f grad f^T)`` and ``J = sum(r**2 grad f grad f^T)``. This
-    needs no noise model: Poisson noise, whose variance is largest where the pattern is bright and steep, the
-    reference's own noise and pattern changes all enter through ``r``. A band-passed residual is correlated
-    between neighbouring pixels, so then the scores ``r grad f`` are summed over tiles of :data:`_TILE` px before
-    squaring (a cluster-robust sandwich). :data:`SIGMA_SCALE` calibrates it against synthetic runs with known
-    truth.
-    """
-    n_frames, ndim = shift.shape
-    sigma = np.full((n_frames, ndim), np.nan)
-    basis = plan.residual_basis
-    rows = np.flatnonzero(ok & np.all(np.isfinite(shift), axis=1))
-    if rows.size == 0 or basis is None:
-        return sigma
-    pad = plan.pad_shape
-    frame_shape = plan.frame_shape
-    spectrum = np.conj(spec_g_conj[rows])
-    for axis in range(ndim):
-        freq = sfft.rfftfreq(pad[axis]) if axis == ndim - 1 else sfft.fftfreq(pad[axis])
-        shape = [1] * ndim
-        shape[axis] = -1
-        phase = np.exp(-2j * np.pi * freq.reshape(shape)[None] * shift[rows, axis].reshape((-1,) + (1,) * ndim))
-        spectrum = spectrum * phase.astype(spec_g_conj.dtype)
-    aligned = sfft.irfftn(spectrum, s=pad, axes=tuple(range(-ndim, 0)), workers=workers)
-    aligned = aligned[(slice(None), *(slice(0, n) for n in frame_shape))].reshape(len(rows), -1)
-    per_frame = masks.ndim > ndim
-    structure = ndi.generate_binary_structure(ndim, 1)
-    use = np.empty(aligned.shape, dtype=np.float64)
-    for k, t in enumerate(rows):
-        inner = basis.moving_inner if not per_frame else ndi.binary_erosion(
-            masks[t], structure, iterations=_RESIDUAL_MARGIN, border_value=0)
-        use[k] = (_shifted_mask(inner, np.round(shift[t])) & basis.inner).ravel()
-    # Weighted sums over each frame's pixels as float64 matrix products: float32 sums would round differently
-    # with the batch size, and a frame's result must not depend on the block it is registered in.
-    f = basis.image.astype(np.float64)
-    aligned = aligned.astype(np.float64)
-    moments = use @ np.stack([np.ones_like(f), f, f * f], axis=1)  # count, sum f, sum f^2
-    weighted = aligned * use
-    cross = weighted @ np.stack([np.ones_like(f), f], axis=1)  # sum g, sum f g
-    count, sum_f, sum_ff = (moments[:, i].astype(np.float64) for i in range(3))
-    sum_g, sum_fg = cross[:, 0].astype(np.float64), cross[:, 1].astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_f, mean_g = sum_f / count, sum_g / count
-        gain = (sum_fg - count * mean_f * mean_g) / (sum_ff - count * mean_f**2)
-    ok_rows = (count >= 3 * ndim + 3) & (gain > 0)
-    # residual = (g - mean_g - gain (f - mean_f)) on the used pixels, built in place
-    residual = weighted
-    residual -= np.nan_to_num(gain)[:, None] * f[None]
-    residual -= np.nan_to_num(mean_g - gain * mean_f)[:, None]
-    residual *= use
-    grad = basis.gradients.astype(np.float64)
-    pairs = [(a, b) for a in range(ndim) for b in range(ndim)]
-    products = np.stack([grad[:, a] * grad[:, b] for a, b in pairs], axis=1)
-    a_mat = (use @ products).astype(np.float64).reshape(-1, ndim, ndim)
-    if plan.bandpass is None:
-        j_mat = ((residual * residual) @ products).astype(np.float64).reshape(-1, ndim, ndim)
-    else:
-        tiles = _tile_labels(frame_shape)
-        n_tiles = int(tiles.max()) + 1
-        sums = np.zeros((len(rows), n_tiles, ndim))
-        for axis in range(ndim):
-            score = (residual * grad[:, axis]).astype(np.float64)
-            for k in range(len(rows)):
-                sums[k, :, axis] = np.bincount(tiles, weights=score[k], minlength=n_tiles)
-        j_mat = np.einsum("kti,ktj->kij", sums, sums)
-    invertible = ok_rows & (np.linalg.det(np.where(ok_rows[:, None, None], a_mat, np.eye(ndim))) > 0)
-    inv_a = np.linalg.inv(np.where(invertible[:, None, None], a_mat, np.eye(ndim)))
-    cov = SIGMA_SCALE * inv_a @ j_mat @ inv_a / np.where(invertible, gain, 1.0)[:, None, None] ** 2
-    values = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0, None))
-    sigma[rows[invertible]] = values[invertible]
-    return sigma
 
 
 def _second_peak(surface: np.ndarray, peak_value: np.ndarray) -> np.ndarray:
