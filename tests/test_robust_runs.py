@@ -175,12 +175,12 @@ def test_nan_and_blank_frames_are_invalid_and_interpolated():
     assert np.isnan(ds["raw_shift"].values[10]).all()
 
 
-@pytest.mark.parametrize("reference", ["iterative:0:30", "median:0:5", "3", "-1"])
+@pytest.mark.parametrize("reference", ["iterative:0:30", "pairs", "median:0:5", "3", "-1"])
 def test_reference_forms_through_the_cli(tmp_path, reference):
     run = make_run(40, (128, 128), seed=48, n_cosmic=0)
     ds = _cli_correct(tmp_path, run, "--reference", reference, "--order", "1")
     anchor = int(ds.attrs["reference_frame"])
-    assert anchor == {"iterative:0:30": 0, "median:0:5": 0, "3": 3, "-1": 39}[reference]
+    assert anchor == {"iterative:0:30": 0, "pairs": 0, "median:0:5": 0, "3": 3, "-1": 39}[reference]
     good = ~run.beam_off
     # A median of frames 0-4 lies between their positions: compare after removing the common offset.
     error = _errors(run, ds)[good]

@@ -1,4 +1,4 @@
-"""Robustness kernels: static defects, lit frames, frame-local outliers, trajectory flags, iterative reference.
+"""Robustness kernels: static defects, lit frames, frame-local outliers, trajectory flags, built references.
 
 Every test is seeded and runs on small synthetic frames (64² to 128², a few tens of frames at most) with known
 truth from :mod:`driftcorr.synthetic`.
@@ -13,7 +13,13 @@ from scipy import ndimage as ndi
 from driftcorr import register
 from driftcorr.defects import DEFECT_CODES, detect_defects, find_outliers, intensity_levels, lit_frames
 from driftcorr.errors import InputError
-from driftcorr.reference import align_and_average, iterative_reference, parse_reference
+from driftcorr.reference import (
+    align_and_average,
+    iterative_reference,
+    pairs_reference,
+    parse_reference,
+    solve_positions,
+)
 from driftcorr.registration import make_plan, register_frames
 from driftcorr.synthetic import make_run
 from driftcorr.trajectory import fill_invalid, flag_frames, trajectory_outliers
@@ -381,8 +387,14 @@ def test_parse_reference_iterative():
     assert (spec.kind, spec.start, spec.stop) == ("iterative", 40, 50)
 
 
+def test_parse_reference_pairs():
+    assert (parse_reference("pairs", 50).kind, parse_reference("pairs", 50).stop) == ("pairs", 50)
+    spec = parse_reference("pairs:5:20", 50)
+    assert (spec.kind, spec.start, spec.stop, str(spec)) == ("pairs", 5, 20, "pairs:5:20")
+
+
 @pytest.mark.parametrize("value", ["iterative:x", "iterative:1", "iterative:1:x", "iterative:1:2:3", "iterativ",
-                                   "iterative:30:10", "iterative:60:70"])
+                                   "iterative:30:10", "iterative:60:70", "pairs:3", "pair", "pairs:9:9"])
 def test_parse_reference_iterative_malformed(value):
     with pytest.raises(InputError):
         parse_reference(value, 50)
@@ -512,3 +524,58 @@ def test_bandpass_keeps_filled_values_at_isolated_defects(scales):
     error = np.linalg.norm(result.shift - run.true_shifts(0)[1:], axis=1)[good]
     # Unfiltered, this run registers to ~0.01 px RMS; 0.05 leaves room for noise but not for a pull to zero.
     assert np.sqrt(np.mean(error**2)) <= 0.05
+
+
+# --------------------------------------------------------------------------------------- pairs reference
+def _chain_pairs(n_frames, neighbours):
+    first, second = zip(*[(i, j) for i in range(n_frames) for j in range(i + 1, min(i + 1 + neighbours, n_frames))],
+                        strict=True)
+    return np.array(first), np.array(second)
+
+
+def test_solve_positions_recovers_positions_and_drops_a_bad_pair():
+    rng = np.random.default_rng(2)
+    positions = np.cumsum(rng.normal(0, 1.5, size=(12, 2)), axis=0)
+    positions -= positions[0]
+    first, second = _chain_pairs(12, 3)
+    shifts = positions[second] - positions[first]
+    sigmas = np.full(shifts.shape, 0.01)
+    solved, kept = solve_positions(first, second, shifts, sigmas, 12)
+    np.testing.assert_allclose(solved, positions, atol=1e-9)
+    assert kept.all()
+    # One pair spoilt (a cosmic-ray frame registered 3 px off against one neighbour) is outvoted and dropped.
+    spoilt = shifts.copy()
+    spoilt[7] += (3.0, -1.0)
+    solved, kept = solve_positions(first, second, spoilt, sigmas, 12)
+    np.testing.assert_allclose(solved, positions, atol=1e-9)
+    assert np.flatnonzero(~kept).tolist() == [7]
+
+
+def test_solve_positions_weights_and_unconnected_frames():
+    # Frame 1 measured twice: once from the anchor (sigma 0.1) and through frame 2 (sigma 1 each way); frame 3 has
+    # no pair and frame 4's only pair is NaN: both unplaced.
+    first, second = np.array([0, 0, 2, 0]), np.array([1, 2, 1, 4])
+    shifts = np.array([[1.0], [0.0], [0.0], [np.nan]])
+    sigmas = np.array([[0.1], [1.0], [1.0], [1.0]])
+    solved, kept = solve_positions(first, second, shifts, sigmas, 5, outlier_sigmas=np.inf)
+    assert np.isnan(solved[3]).all() and np.isnan(solved[4]).all() and not kept[3]
+    # Weighted mean of 1.0 (weight 100) and 0.0 through the two-pair path (variance 2, weight 0.5).
+    assert solved[1, 0] == pytest.approx(100 / 100.5, abs=1e-9)
+    assert solved[0, 0] == 0.0
+
+
+def test_pairs_reference_with_a_dark_first_frame_and_a_cosmic_ray():
+    kwargs = dict(n_frames=16, shape=SHAPE, seed=0, ring_modulation=0.0, n_cosmic=1)
+    run = make_run(**kwargs)
+    sample = run.stack().astype(np.float64)
+    sample[0] = run.pedestal  # a dark first frame
+    built = pairs_reference(sample, run.mask)
+    assert built.anchor == 1
+    assert built.n_frames == run.n_frames - 1 - int(run.beam_off.sum())
+    assert np.all(built.image[~built.mask] == 0) and built.mask.sum() > 0.8 * run.mask.sum()
+    # In the anchor's coordinates (see the iterative test for the tolerance), and the noise averaged down.
+    result = register(built.image, sample[1], reference_mask=built.mask, moving_mask=run.mask)
+    assert np.all(np.abs(result.shift) < 0.05), result.shift
+    truth = make_run(**kwargs, noise=False).frames(1, 2)[0].astype(np.float64)
+    common = built.mask & run.mask
+    assert _residual_std(built.image, truth, common) < 0.5 * _residual_std(sample[1], truth, common)

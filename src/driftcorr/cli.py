@@ -57,7 +57,8 @@ def _correction_options(command):
                      help="Valid-pixel mask: .npy, .tif, .png (nonzero = valid) or a Zarr array."),
         click.option("--array", type=str, default=None, help="Array name inside an input group."),
         click.option("--reference", type=str, default=None,
-                     help="Reference: iterative (default), iterative:A:B, a frame index, mean:A:B or median:A:B."),
+                     help="Reference: iterative (default), iterative:A:B, pairs, pairs:A:B, a frame index, mean:A:B "
+                          "or median:A:B."),
         click.option("--detect-defects/--no-detect-defects", default=None,
                      help="Find hot, dead, stuck (and, without --mask, unlit) pixels from the stack (default on)."),
         click.option("--bandpass", type=(float, float), default=None, metavar="LOW HIGH",

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .reference import FORMS
 
 
 class CorrectionConfig(BaseModel):
@@ -21,7 +22,7 @@ class CorrectionConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    reference: str = Field("iterative", description="frame index, iterative[:A:B], mean:A:B or median:A:B")
+    reference: str = Field("iterative", description="frame index, iterative[:A:B], pairs[:A:B], mean:A:B or median:A:B")
     upsample_factor: float = Field(50.0, ge=1, description="subpixel precision is 1/upsample_factor px")
     max_shift: int | None = Field(None, ge=1, description="largest shift searched per axis, px (default: 1/8 frame)")
     method: Literal["ncc", "phase"] = "ncc"
@@ -39,7 +40,7 @@ class CorrectionConfig(BaseModel):
     @classmethod
     def _reference_as_text(cls, value):
         if isinstance(value, bool):
-            raise ValueError("must be a frame index, iterative, or mean:A:B / median:A:B / iterative:A:B")
+            raise ValueError(f"must be {FORMS}")
         return str(value) if isinstance(value, int) else value
 
     @field_validator("bandpass")

@@ -21,7 +21,7 @@ from . import store
 from .config import CorrectionConfig, make_config
 from .defects import DEFECT_CODES, DefectMap, detect_defects
 from .errors import InputError
-from .reference import combine_frames, iterative_reference, parse_reference
+from .reference import combine_frames, iterative_reference, pairs_reference, parse_reference
 from .registration import check_mask, make_plan, register_frames
 from .trajectory import fill_invalid, flag_frames
 from .warp import shift_frames
@@ -150,15 +150,15 @@ def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shi
     image_mask : ndarray of bool
         Valid pixels of the reference.
     label : str
-        The specification, with the anchor frame of an iterative reference.
+        The specification, with the anchor frame of a sampled (iterative or pairs) reference.
     anchor : int
         Frame whose coordinates the reference lies in (the first frame of a range).
     """
     spec = parse_reference(reference, frames.shape[0])
-    if spec.kind == "iterative":
+    if spec.kind in ("iterative", "pairs"):
         index = sample_indices(spec.start, spec.stop)
-        built = iterative_reference((sample or _Sample(frames)).get(index), mask, max_shift=max_shift,
-                                    bright_pixels=bright_pixels)
+        build = iterative_reference if spec.kind == "iterative" else pairs_reference
+        built = build((sample or _Sample(frames)).get(index), mask, max_shift=max_shift, bright_pixels=bright_pixels)
         anchor = int(index[built.anchor])
         label = f"{spec}: {built.n_frames} aligned frames averaged, anchored on frame {anchor}"
         return built.image, built.mask, label, anchor
@@ -195,7 +195,8 @@ def estimate_drift(
     mask : array_like of bool or path, optional
         Valid pixels (True = used), frame shape, shared by every frame (e.g. the beam-block).
     reference : int or str, optional
-        ``iterative`` (default), ``iterative:A:B``, a frame index, ``mean:A:B`` or ``median:A:B``
+        ``iterative`` (default), ``iterative:A:B``, ``pairs``, ``pairs:A:B``, a frame index, ``mean:A:B`` or
+        ``median:A:B``
         (see :mod:`driftcorr.reference`).
     upsample_factor, max_shift, method, min_overlap, min_ncc, detect_defects, tame_outliers, bandpass,
     block_frames, array

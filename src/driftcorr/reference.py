@@ -8,6 +8,10 @@ A reference is written as
   B-1) is registered onto its first good frame, the aligned frames are averaged, and the sample is registered
   again onto that average, :data:`ITERATIONS` times. The result lies in the coordinates of that first good frame
   (the *anchor*), is far less noisy than one frame, and does not depend on frame 0 being good.
+- ``pairs`` or ``pairs:A:B``: the same sample, but each frame is registered onto its next
+  :data:`PAIR_NEIGHBOURS` frames; the positions that best explain all those redundant pair shifts are solved by
+  weighted least squares (:func:`solve_positions`, pairs that disagree with the rest are dropped), and the frames
+  aligned by them are averaged. No frame's noise is privileged, and a pair spoilt by one bad frame is outvoted.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from .defects import find_outliers, intensity_levels, lit_frames
 from .errors import InputError
@@ -23,10 +29,17 @@ from .registration import make_plan, register_frames
 from .trajectory import flag_frames
 from .warp import shift_frames
 
-KINDS = ("frame", "mean", "median", "iterative")
-_FORMS = "a frame index such as 0, iterative, or mean:A:B / median:A:B / iterative:A:B for frames A..B-1"
+KINDS = ("frame", "mean", "median", "iterative", "pairs")
+#: Kinds built from a sample spread over the range rather than from every frame of it.
+SAMPLED = ("iterative", "pairs")
+FORMS = ("a frame index such as 0, iterative, pairs, or mean:A:B / median:A:B / iterative:A:B / pairs:A:B "
+          "for frames A..B-1")
 #: Rounds of register-and-average of the iterative reference.
 ITERATIONS = 2
+#: Each sample frame of the pairs reference is registered onto this many following frames.
+PAIR_NEIGHBOURS = 3
+#: A pair shift this many of its sigmas from the solved positions is dropped as an outlier.
+PAIR_OUTLIER_SIGMAS = 5.0
 
 
 @dataclass(frozen=True)
@@ -63,14 +76,14 @@ def parse_reference(value, n_frames: int) -> ReferenceSpec:
     """
     text = str(value).strip()
     if isinstance(value, bool):
-        raise InputError(f"reference must be {_FORMS} (got {value!r})")
-    if text == "iterative":
-        return ReferenceSpec("iterative", 0, n_frames)
+        raise InputError(f"reference must be {FORMS} (got {value!r})")
+    if text in SAMPLED:
+        return ReferenceSpec(text, 0, n_frames)
     if ":" not in text:
         try:
             index = int(text)
         except ValueError:
-            raise InputError(f"reference must be {_FORMS} (got {value!r})") from None
+            raise InputError(f"reference must be {FORMS} (got {value!r})") from None
         if not -n_frames <= index < n_frames:
             raise InputError(f"reference frame {index} is out of range for a stack of {n_frames} frames; "
                              f"use an index from 0 to {n_frames - 1}")
@@ -78,11 +91,11 @@ def parse_reference(value, n_frames: int) -> ReferenceSpec:
         return ReferenceSpec("frame", index, index + 1)
     parts = text.split(":")
     if len(parts) != 3 or parts[0] not in KINDS[1:]:
-        raise InputError(f"reference must be {_FORMS} (got {value!r})")
+        raise InputError(f"reference must be {FORMS} (got {value!r})")
     try:
         start, stop = int(parts[1]), int(parts[2])
     except ValueError:
-        raise InputError(f"reference must be {_FORMS} (got {value!r})") from None
+        raise InputError(f"reference must be {FORMS} (got {value!r})") from None
     start_, stop_, _ = slice(start, stop).indices(n_frames)
     if stop_ <= start_ or start < -n_frames or start >= n_frames:
         raise InputError(f"reference range {value!r} selects no frame of a stack of {n_frames} frames")
@@ -197,6 +210,16 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
     return image, image_mask
 
 
+def _lit_sample(sample) -> tuple[np.ndarray, int]:
+    """The lit frames of a sample (float64) and the index in the sample of the first, the anchor."""
+    sample = np.asarray(sample, dtype=np.float64)
+    lit, _, _ = lit_frames(sample)
+    if not lit.any():
+        raise InputError("no frame of the reference sample saw the beam (all dark, blank or NaN); "
+                         "choose the reference frames with --reference")
+    return sample[lit], int(np.flatnonzero(lit)[0])
+
+
 def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift=None,
                         upsample_factor: float = 20, min_ncc: float = 0.1, bright_pixels=None) -> BuiltReference:
     """Build a low-noise reference by registering a sample of frames and averaging the aligned frames.
@@ -226,15 +249,9 @@ def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift
     -------
     BuiltReference
     """
-    sample = np.asarray(sample, dtype=np.float64)
+    good, anchor = _lit_sample(sample)
     mask = np.asarray(mask, dtype=bool)
-    lit, _, _ = lit_frames(sample)
-    if not lit.any():
-        raise InputError("no frame of the reference sample saw the beam (all dark, blank or NaN); "
-                         "choose the reference frames with --reference")
-    anchor = int(np.flatnonzero(lit)[0])
-    good = sample[lit]
-    image, image_mask, used = sample[anchor], mask, 1
+    image, image_mask, used = good[0], mask, 1
     for _ in range(max(int(iterations), 1)):
         plan = make_plan(image, reference_mask=image_mask, moving_mask=mask, max_shift=max_shift,
                          bright_pixels=bright_pixels)
@@ -245,3 +262,116 @@ def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift
         image, image_mask = align_and_average(good[trusted], result.shift[trusted], mask, image, image_mask)
         used = int(trusted.sum())
     return BuiltReference(image=image, mask=image_mask, anchor=anchor, n_frames=used)
+
+
+def solve_positions(first, second, shifts, sigmas, n_frames: int, anchor: int = 0,
+                    outlier_sigmas: float = PAIR_OUTLIER_SIGMAS) -> tuple[np.ndarray, np.ndarray]:
+    """Frame positions that best explain redundant pair shifts (weighted least squares).
+
+    Pair ``k`` measured ``positions[second[k]] - positions[first[k]] = shifts[k]`` with uncertainty
+    ``sigmas[k]`` (per axis); ``positions[anchor]`` is 0. After each solve the pair furthest from the solution, if
+    more than ``outlier_sigmas`` of its sigmas, is dropped and the rest solved again.
+
+    Parameters
+    ----------
+    first, second : array_like of int, shape (m,)
+        The two frames of each pair.
+    shifts, sigmas : array_like, shape (m, ndim)
+        Measured differences and their 1-sigma uncertainties (positive).
+    n_frames : int
+        Number of frames.
+    anchor : int
+        The frame whose position is 0.
+    outlier_sigmas : float
+        Drop threshold, in sigmas.
+
+    Returns
+    -------
+    positions : ndarray, shape (n_frames, ndim)
+        NaN for frames no kept pair connects to the anchor.
+    kept : ndarray of bool, shape (m,)
+        Pairs used in the final solution.
+    """
+    first, second = np.asarray(first, dtype=np.intp), np.asarray(second, dtype=np.intp)
+    shifts, sigmas = np.asarray(shifts, dtype=np.float64), np.asarray(sigmas, dtype=np.float64)
+    kept = np.all(np.isfinite(shifts), axis=1) & np.all(np.isfinite(sigmas) & (sigmas > 0), axis=1)
+    while True:
+        positions = _solve_kept(first[kept], second[kept], shifts[kept], sigmas[kept], n_frames, anchor)
+        with np.errstate(invalid="ignore"):
+            misfit = np.max(np.abs(positions[second] - positions[first] - shifts) / sigmas, axis=1)
+        misfit = np.where(kept, np.nan_to_num(misfit, nan=0.0), 0.0)
+        worst = int(np.argmax(misfit)) if misfit.size else 0
+        if not misfit.size or misfit[worst] <= outlier_sigmas:
+            return positions, kept
+        kept[worst] = False
+
+
+def _solve_kept(first, second, shifts, sigmas, n_frames, anchor) -> np.ndarray:
+    """Weighted least squares of :func:`solve_positions` over the frames the pairs connect to the anchor."""
+    ndim = shifts.shape[1] if shifts.ndim == 2 else 1
+    positions = np.full((n_frames, ndim), np.nan)
+    positions[anchor] = 0.0
+    graph = coo_matrix((np.ones(first.size), (first, second)), shape=(n_frames, n_frames))
+    _, component = connected_components(graph, directed=False)
+    linked = np.flatnonzero((component == component[anchor]) & (np.arange(n_frames) != anchor))
+    if linked.size == 0:
+        return positions
+    column = np.full(n_frames, -1)
+    column[linked] = np.arange(linked.size)
+    rows = np.flatnonzero(component[first] == component[anchor])
+    for axis in range(ndim):
+        design = np.zeros((rows.size, linked.size))
+        weight = 1.0 / sigmas[rows, axis]
+        for sign, frames in ((1.0, second[rows]), (-1.0, first[rows])):
+            inside = column[frames] >= 0
+            design[np.flatnonzero(inside), column[frames[inside]]] += sign
+        solution, *_ = np.linalg.lstsq(design * weight[:, None], shifts[rows, axis] * weight, rcond=None)
+        positions[linked, axis] = solution
+    return positions
+
+
+def pairs_reference(sample, mask, *, neighbours: int = PAIR_NEIGHBOURS, max_shift=None,
+                    upsample_factor: float = 20, min_ncc: float = 0.1, bright_pixels=None) -> BuiltReference:
+    """Build a low-noise reference from redundant pair registrations of a sample, solved by least squares.
+
+    Each lit frame of the sample is registered onto its next ``neighbours`` lit frames; the positions are solved
+    from all those pairs (:func:`solve_positions`, in the coordinates of the first lit frame, the anchor) and the
+    frames they connect are aligned by them and averaged (:func:`align_and_average`).
+
+    Parameters
+    ----------
+    sample : array_like, shape (n, *frame_shape)
+        Frames spread over the run (a few tens).
+    mask : ndarray of bool, frame shape
+        Valid pixels of every frame.
+    neighbours : int
+        Following frames each frame is registered onto.
+    max_shift, upsample_factor, min_ncc, bright_pixels
+        As for :func:`iterative_reference`; pairs correlating worse than ``min_ncc`` are not used.
+
+    Returns
+    -------
+    BuiltReference
+    """
+    good, anchor = _lit_sample(sample)
+    mask = np.asarray(mask, dtype=bool)
+    first, second, shifts, sigmas = [], [], [], []
+    for i in range(good.shape[0] - 1):
+        others = np.arange(i + 1, min(i + 1 + int(neighbours), good.shape[0]))
+        plan = make_plan(good[i], reference_mask=mask, moving_mask=mask, max_shift=max_shift,
+                         bright_pixels=bright_pixels)
+        result = register_frames(plan, good[others], upsample_factor=upsample_factor)
+        trusted = result.ncc >= min_ncc
+        # result.shift registers frame j onto frame i: it is position[j] - position[i].
+        first.append(np.full(int(trusted.sum()), i))
+        second.append(others[trusted])
+        shifts.append(result.shift[trusted])
+        sigmas.append(result.sigma[trusted])
+    ndim = good.ndim - 1
+    positions, _ = solve_positions(np.concatenate([np.zeros(0, np.intp), *first]),
+                                   np.concatenate([np.zeros(0, np.intp), *second]),
+                                   np.concatenate([np.zeros((0, ndim)), *shifts]),
+                                   np.concatenate([np.zeros((0, ndim)), *sigmas]), good.shape[0], anchor=0)
+    placed = np.all(np.isfinite(positions), axis=1)
+    image, image_mask = align_and_average(good[placed], positions[placed], mask, good[0], mask)
+    return BuiltReference(image=image, mask=image_mask, anchor=anchor, n_frames=int(placed.sum()))
