@@ -1,4 +1,4 @@
-"""Command line: ``driftcorr demo | correct | estimate | apply``.
+"""Command line: ``driftcorr demo | correct | estimate | apply | status``.
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 unexpected failure.
 """
@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .config import load_config_file, make_config
-from .errors import DriftcorrError
+from .errors import DriftcorrError, RunFailedError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -32,6 +32,11 @@ def _reporting_errors(command):
                 traceback.print_exc()
             click.echo(f"driftcorr: error: {error}", err=True)
             sys.exit(EXIT_BAD_INPUT)
+        except RunFailedError as error:
+            if verbose:
+                traceback.print_exc()
+            click.echo(f"driftcorr: failed: {error}", err=True)
+            sys.exit(EXIT_FAILURE)
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
         except Exception as error:  # the last resort: never show a bare traceback to a user
@@ -73,7 +78,9 @@ def _correction_options(command):
         click.option("--block-frames", type=int, default=None, help="Frames per task (default: from frame size)."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                      help="TOML or JSON file of options (command-line options win)."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing driftcorr output."),
+        click.option("--overwrite", is_flag=True,
+                     help="Start over on an existing driftcorr output (without it, an interrupted output is resumed "
+                          "and one whose input has grown is extended)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -133,6 +140,16 @@ def apply(input, drift, output, array, interpolation_order, overwrite):
     apply_stored_drift(input, drift, output, array=array, interpolation_order=interpolation_order,
                        overwrite=overwrite)
     click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("output")
+@_reporting_errors
+def status(output):
+    """Print how far the driftcorr output OUTPUT is: frames done, completion, configuration."""
+    from .store import describe_output
+
+    click.echo(describe_output(output))
 
 
 @main.command()

@@ -26,3 +26,18 @@ class OutputExistsError(DriftcorrError, FileExistsError):
 
 class OutputError(DriftcorrError, OSError):
     """The output location cannot be written, or is not a driftcorr output."""
+
+
+class OutputMismatchError(OutputExistsError):
+    """An existing output was made from another input or with other options, so it cannot be resumed."""
+
+
+class OutputLockedError(DriftcorrError, BlockingIOError):
+    """Another driftcorr process is writing the output."""
+
+
+class RunFailedError(RuntimeError):
+    """Some blocks could not be processed; the output is left incomplete and the same command resumes it.
+
+    Not a :class:`DriftcorrError`: the input was acceptable, so the command line exits with 1, not 2.
+    """

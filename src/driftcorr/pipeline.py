@@ -7,8 +7,10 @@ graph once, as a single key every block depends on.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import string
+from dataclasses import dataclass
 from importlib.metadata import version
 
 import dask
@@ -20,15 +22,20 @@ from threadpoolctl import ThreadpoolController
 from . import store
 from .config import CorrectionConfig, make_config
 from .defects import DEFECT_CODES, DefectMap, detect_defects
-from .errors import InputError
+from .errors import InputError, OutputMismatchError, RunFailedError
 from .reference import combine_frames, iterative_reference, pairs_reference, parse_reference
 from .registration import check_mask, make_plan, register_frames
 from .trajectory import fill_invalid, flag_frames
 from .warp import shift_frames
 
 _QUALITY = ("ncc", "overlap", "second_peak")
+#: Variables along ``frame`` that the drift estimate writes (the corrected stack aside).
+_PER_FRAME = ("shift", "raw_shift", "sigma", "valid", *_QUALITY)
+_CORRECTED_ATTRS = {"long_name": "drift-corrected frames", "units": "counts"}
 #: Frames read to find defects and build the iterative reference.
 SAMPLE_FRAMES = 32
+#: Frames per chunk of the per-frame tables (shift, sigma, ...) of an output.
+_TABLE_CHUNK = 4096
 _FIRST_FRAMES = 4
 _THREADPOOLS: ThreadpoolController | None = None
 
@@ -215,26 +222,60 @@ def estimate_drift(
                           method=method, min_overlap=min_overlap, min_ncc=min_ncc, detect_defects=detect_defects,
                           tame_outliers=tame_outliers, bandpass=bandpass, block_frames=block_frames, array=array)
     frames = as_stack(stack, array=cfg.array, block_frames=cfg.block_frames)
-    frame_shape = tuple(frames.shape[1:])
+    setup = _set_up(frames, _mask_array(mask, tuple(frames.shape[1:])), cfg)
+    plan = setup.plan(cfg)
+    values = _registration_table(frames, plan, cfg.upsample_factor).compute()
+    return _drift_from_registration(frames, values, setup, plan, cfg)
+
+
+@dataclass(frozen=True, eq=False)
+class _Setup:
+    """What every frame of a run is registered with: found once from a sample of the run, or read back."""
+
+    defects: DefectMap
+    image: np.ndarray
+    image_mask: np.ndarray
+    label: str
+    anchor: int
+
+    def plan(self, cfg: CorrectionConfig):
+        bright = np.isin(self.defects.codes, (DEFECT_CODES["hot"], DEFECT_CODES["stuck"]))
+        return make_plan(self.image, reference_mask=self.image_mask, moving_mask=self.defects.mask,
+                         max_shift=cfg.max_shift, method=cfg.method, min_overlap=cfg.min_overlap,
+                         tame_outliers=cfg.tame_outliers, bright_pixels=bright, bandpass=cfg.bandpass)
+
+
+def _set_up(frames: xr.DataArray, user_mask, cfg: CorrectionConfig) -> _Setup:
+    """Find the defects and build the reference from a sample of the run (read once)."""
     sample = _Sample(frames)  # read once: defect detection and the iterative reference share it
-    defects = find_defects(frames, _mask_array(mask, frame_shape), detect=cfg.detect_defects, sample=sample)
+    defects = find_defects(frames, user_mask, detect=cfg.detect_defects, sample=sample)
     if not defects.mask.any():
         raise InputError("no pixel is left to register once the mask and the detected defects are removed; "
                          "check the mask (True marks the pixels to use)")
     bright = np.isin(defects.codes, (DEFECT_CODES["hot"], DEFECT_CODES["stuck"]))
-    image, image_mask, reference_label, anchor = make_reference(frames, cfg.reference, defects.mask,
-                                                                max_shift=cfg.max_shift, bright_pixels=bright,
-                                                                sample=sample)
-    plan = make_plan(image, reference_mask=image_mask, moving_mask=defects.mask, max_shift=cfg.max_shift,
-                     method=cfg.method, min_overlap=cfg.min_overlap, tame_outliers=cfg.tame_outliers,
-                     bright_pixels=bright, bandpass=cfg.bandpass)
-    ndim = len(frame_shape)
+    image, image_mask, label, anchor = make_reference(frames, cfg.reference, defects.mask, max_shift=cfg.max_shift,
+                                                      bright_pixels=bright, sample=sample)
+    # The output stores the reference as float32; registering against exactly those values lets a resumed or
+    # extended run, which reads it back, give what one uninterrupted run gives.
+    image = np.asarray(image, dtype=np.float32).astype(np.float64)
+    return _Setup(defects=defects, image=image, image_mask=np.asarray(image_mask, bool), label=label, anchor=anchor)
+
+
+def _registration_table(frames: xr.DataArray, plan, upsample_factor: float) -> da.Array:
+    """Lazy (frame, 2 * ndim + 3) table of every frame's registration: shift, sigma, ncc, overlap, second peak."""
+    ndim = frames.ndim - 1
     plan_key = dask.delayed(plan, pure=True)
-    table = frames.data.map_blocks(
-        _register_block, plan_key, cfg.upsample_factor, dtype=np.float64,
+    return frames.data.map_blocks(
+        _register_block, plan_key, upsample_factor, dtype=np.float64,
         drop_axis=list(range(2, ndim + 1)), chunks=(frames.data.chunks[0], (2 * ndim + 3,)),
     )
-    values = table.compute()
+
+
+def _drift_from_registration(frames: xr.DataArray, values: np.ndarray, setup: _Setup, plan,
+                             cfg: CorrectionConfig) -> xr.Dataset:
+    """The drift Dataset from the registration table: flags, interpolated shifts, the anchor's origin and sigma."""
+    ndim = frames.ndim - 1
+    anchor = setup.anchor
     raw_shift = values[:, :ndim]
     sigma = values[:, ndim:2 * ndim]
     quality = {name: values[:, 2 * ndim + i] for i, name in enumerate(_QUALITY)}
@@ -245,8 +286,8 @@ def estimate_drift(
     shift, raw_shift = shift - origin, raw_shift - origin
     sigma, sigma_anchor = _with_anchor_uncertainty(sigma, valid, anchor)
     return _drift_dataset(frames, shift=shift, raw_shift=raw_shift, sigma=sigma, valid=valid, quality=quality,
-                          reference=image, reference_mask=image_mask, defects=defects,
-                          reference_label=reference_label, anchor=anchor, sigma_anchor=sigma_anchor,
+                          reference=setup.image, reference_mask=setup.image_mask, defects=setup.defects,
+                          reference_label=setup.label, anchor=anchor, sigma_anchor=sigma_anchor,
                           anchor_offset=origin, cfg=cfg)
 
 
@@ -348,7 +389,7 @@ def apply_drift(stack, drift, *, interpolation_order: int = 3, block_frames: int
     data = da.blockwise(shift_frames, index, frames.data, index, shift_chunks, "tA", concatenate=True,
                         dtype=np.float32, order=interpolation_order, meta=np.empty((0,) * (ndim + 1), np.float32))
     return xr.DataArray(data, dims=frames.dims, coords=frames.coords, name="corrected",
-                        attrs={"long_name": "drift-corrected frames", "units": "counts"})
+                        attrs=dict(_CORRECTED_ATTRS))
 
 
 def correct(
@@ -372,6 +413,11 @@ def correct(
 ) -> xr.Dataset:
     """Estimate the drift of a stored stack and write shifts, quality and the corrected stack to ``output``.
 
+    The output is written block by block, each block marked done after its data (DESIGN §5). Running the same
+    correction again on an interrupted output continues it; on an output whose input has grown since, it
+    registers only the new frames (against the stored reference) and appends them. Other options, another input
+    or another mask are refused; ``overwrite`` starts over. A lock keeps a second process out while one writes.
+
     Parameters
     ----------
     input : str, path-like, or array
@@ -393,21 +439,185 @@ def correct(
     -------
     xarray.Dataset
         The written output, opened lazily.
+
+    Raises
+    ------
+    OutputMismatchError
+        The output exists and was made from another input, mask or options (or the input has shrunk).
+    OutputLockedError
+        Another process is writing the output.
+    RunFailedError
+        Some blocks failed; the output is left incomplete and the same call resumes it.
     """
     cfg = _resolve_config(config, reference=reference, upsample_factor=upsample_factor, max_shift=max_shift,
                           method=method, detect_defects=detect_defects, tame_outliers=tame_outliers,
                           bandpass=bandpass, interpolation_order=interpolation_order, block_frames=block_frames,
                           array=array)
     frames = as_stack(input, array=cfg.array, block_frames=cfg.block_frames)
-    source = frames.attrs.get("source")
-    location = store.prepare_output(output, input_location=source, overwrite=overwrite)
-    drift = estimate_drift(frames, mask=mask, config=cfg)
-    if not estimate_only:
-        corrected = apply_drift(frames, drift, interpolation_order=cfg.interpolation_order,
-                                block_frames=frames.data.chunksize[0])
-        drift["corrected"] = corrected
-    store.write_output(drift, location, attrs=dict(drift.attrs), block_frames=frames.data.chunksize[0])
+    location = store.prepare_output(output, input_location=frames.attrs.get("source"), overwrite=overwrite,
+                                    resumable=True)
+    user_mask = _mask_array(mask, tuple(frames.shape[1:]))
+    identity = _run_identity(frames, user_mask, cfg, estimate_only)
+    block = int(frames.data.chunksize[0])
+    with store.output_lock(location):
+        store.clean_partial_files(location)
+        state = store.read_output(location)
+        if state is None or overwrite or not state.ready:
+            setup = _set_up(frames, user_mask, cfg)  # before anything is deleted: a bad option loses nothing
+            if state is not None:
+                store.clear_output(location)
+            _create_output(location, frames, setup, cfg, identity, block, estimate_only)
+        else:
+            _check_same_run(location, state, identity, frames.shape[0])
+            if state.status == store.STATUS_COMPLETE and state.n_frames == frames.shape[0]:
+                return xr.open_zarr(location, consolidated=False)  # up to date: nothing is touched
+            store.set_attributes(location, {}, status=store.STATUS_INCOMPLETE)
+            setup = _setup_from_output(location)
+            if frames.shape[0] > state.n_frames:
+                coords = {name: np.asarray(coord) for name, coord in frames.coords.items()
+                          if coord.dims == ("frame",)}
+                store.grow_output(location, frames.shape[0], block, coords)
+        plan = setup.plan(cfg)
+        _run_blocks(_registration_tasks(frames, plan, cfg, location, block))
+        drift = _drift_from_registration(frames, store.read_array(location, store.REGISTRATION), setup, plan, cfg)
+        for name in _PER_FRAME:
+            store.write_changed_rows(location, name, drift[name].values)
+        if not estimate_only:
+            _run_blocks(_correction_tasks(frames, drift["shift"].values, cfg, location, block))
+        store.set_attributes(location, {**drift.attrs, **identity}, status=store.STATUS_COMPLETE)
     return xr.open_zarr(location, consolidated=False)
+
+
+def _run_identity(frames: xr.DataArray, user_mask, cfg: CorrectionConfig, estimate_only: bool) -> dict:
+    """What an output must have been made from to be resumed or extended (stored in its attributes)."""
+    if user_mask is None:
+        mask_digest = "none"
+    else:
+        user_mask = np.asarray(user_mask, dtype=bool)
+        mask_digest = hashlib.sha256(np.packbits(user_mask).tobytes() + str(user_mask.shape).encode()).hexdigest()
+    return {"config": cfg.model_dump(mode="json"), "config_digest": cfg.digest(),
+            "input": frames.attrs.get("source", "in-memory array"), "mask_digest": mask_digest,
+            "products": "drift" if estimate_only else "drift+corrected",
+            "frame_shape": [int(n) for n in frames.shape[1:]], "dtype": str(frames.dtype)}
+
+
+def _check_same_run(location: str, state, identity: dict, n_frames: int) -> None:
+    """Refuse to resume an output made from another input, mask or options, saying what differs."""
+    stored = state.attrs
+    how = "run with the same input, mask and options to resume it, or pass --overwrite to start over"
+    if stored.get("config_digest") != identity["config_digest"]:
+        before, now = stored.get("config") or {}, identity["config"]
+        changed = ", ".join(f"{key}={before.get(key)!r} (now {now.get(key)!r})" for key in sorted(now)
+                            if before.get(key) != now.get(key)) or "an unknown configuration"
+        raise OutputMismatchError(f"output {location!r} exists and was made with {changed}; {how}")
+    if stored.get("products") != identity["products"]:
+        made = "without" if stored.get("products") == "drift" else "with"
+        raise OutputMismatchError(f"output {location!r} exists and was made {made} the corrected stack "
+                                  f"('driftcorr {'estimate' if made == 'without' else 'correct'}'); {how}")
+    for key, what in (("input", "from the input"), ("mask_digest", "with a different mask: digest"),
+                      ("frame_shape", "from frames of shape"), ("dtype", "from frames of dtype")):
+        if stored.get(key) != identity[key]:
+            raise OutputMismatchError(f"output {location!r} exists and was made {what} {stored.get(key)!r} "
+                                      f"(now {identity[key]!r}); {how}")
+    if n_frames < state.n_frames:
+        raise OutputMismatchError(f"output {location!r} holds {state.n_frames} frames but the input has only "
+                                  f"{n_frames}; an input may only grow: {how}")
+
+
+def _create_output(location: str, frames: xr.DataArray, setup: _Setup, cfg: CorrectionConfig, identity: dict,
+                   block: int, estimate_only: bool) -> None:
+    """Write the output's metadata and static variables; per-frame values come later, block by block."""
+    n_frames, ndim = frames.shape[0], frames.ndim - 1
+    table = min(n_frames, _TABLE_CHUNK)
+
+    def empty(*shape):
+        return da.full((n_frames, *shape), np.nan, chunks=(table, *shape))
+
+    template = _drift_dataset(
+        frames, shift=empty(ndim), raw_shift=empty(ndim), sigma=empty(ndim),
+        valid=da.zeros(n_frames, dtype=bool, chunks=table), quality={name: empty() for name in _QUALITY},
+        reference=setup.image, reference_mask=setup.image_mask, defects=setup.defects, reference_label=setup.label,
+        anchor=setup.anchor, sigma_anchor=np.zeros(ndim), anchor_offset=np.zeros(ndim), cfg=cfg)
+    if not estimate_only:
+        template["corrected"] = xr.DataArray(
+            da.full(frames.shape, np.nan, dtype=np.float32, chunks=(block, *frames.shape[1:])), dims=frames.dims,
+            attrs=dict(_CORRECTED_ATTRS))
+    template.attrs.update({**identity, "status": store.STATUS_INCOMPLETE})
+    store.create_output(template, location, block_frames=block, n_columns=2 * ndim + 3)
+
+
+def _setup_from_output(location: str) -> _Setup:
+    """The defects and reference an output was set up with, read back to register more frames against them."""
+    stored = xr.open_zarr(location, consolidated=False)
+    defects = DefectMap(codes=stored["defects"].values,
+                        n_frames=int(stored["defects"].attrs.get("frames_examined", 0)))
+    label = stored["reference"].attrs.get("long_name", "")
+    label = label[len("reference image ("):-1] if label.startswith("reference image (") else label
+    return _Setup(defects=defects, image=stored["reference"].values.astype(np.float64),
+                  image_mask=stored["reference_mask"].values.astype(bool), label=label,
+                  anchor=int(stored.attrs["reference_frame"]))
+
+
+def _blocks(n_frames: int, block: int):
+    """(index, start, stop) of each block of frames."""
+    return [(k, start, min(start + block, n_frames)) for k, start in enumerate(range(0, n_frames, block))]
+
+
+def _registration_tasks(frames: xr.DataArray, plan, cfg: CorrectionConfig, location: str, block: int) -> list:
+    """One task per block not yet registered: register it, write its rows, then its done marker."""
+    done = store.read_array(location, store.REGISTERED)
+    plan_key = dask.delayed(plan, pure=True)
+    return [(start, stop, dask.delayed(_register_and_store, pure=False)(
+                frames.data[start:stop], plan_key, cfg.upsample_factor, location, start, k))
+            for k, start, stop in _blocks(frames.shape[0], block) if done[k] != stop - start]
+
+
+def _correction_tasks(frames: xr.DataArray, shifts: np.ndarray, cfg: CorrectionConfig, location: str,
+                      block: int) -> list:
+    """One task per block not yet corrected with its current shifts: shift it, write it, then its marker."""
+    done = store.read_array(location, store.CORRECTED)
+    applied = store.read_array(location, store.APPLIED_SHIFT)
+    return [(start, stop, dask.delayed(_shift_and_store, pure=False)(
+                frames.data[start:stop], shifts[start:stop], cfg.interpolation_order, location, start, k))
+            for k, start, stop in _blocks(frames.shape[0], block)
+            if done[k] != stop - start or not np.array_equal(applied[start:stop], shifts[start:stop], equal_nan=True)]
+
+
+def _register_and_store(frames: np.ndarray, plan, upsample_factor: float, location: str, start: int,
+                        block: int) -> str | None:
+    try:
+        values = _register_block(frames, plan, upsample_factor)
+        store.write_block(location, start, {store.REGISTRATION: values}, store.REGISTERED, block)
+    except Exception as error:  # reported with its block by _run_blocks; the other blocks go on
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _shift_and_store(frames: np.ndarray, shifts: np.ndarray, order: int, location: str, start: int,
+                     block: int) -> str | None:
+    try:
+        corrected = shift_frames(frames, shifts, order=order)
+        store.write_block(location, start, {"corrected": corrected, store.APPLIED_SHIFT: shifts}, store.CORRECTED,
+                          block)
+    except Exception as error:  # reported with its block by _run_blocks; the other blocks go on
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _run_blocks(tasks: list) -> None:
+    """Compute the block tasks; when any fails, stop with the output left incomplete (a rerun resumes it)."""
+    if not tasks:
+        return
+    resume = "the output is left incomplete; run the same command again to resume it"
+    try:
+        results = dask.compute(*[task for _, _, task in tasks])
+    except Exception as error:  # a worker lost for good, an unreadable input chunk, ...
+        raise RunFailedError(f"the run stopped ({type(error).__name__}: {error}); {resume}") from error
+    failed = [(start, stop, message) for (start, stop, _), message in zip(tasks, results, strict=True) if message]
+    if failed:
+        start, stop, message = failed[0]
+        raise RunFailedError(f"{len(failed)} of {len(tasks)} blocks failed, the first one (frames {start}-{stop - 1}) "
+                             f"with {message}; {resume}")
 
 
 def apply_stored_drift(input, drift, output, *, array: str | None = None, interpolation_order: int = 3,

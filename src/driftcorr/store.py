@@ -2,6 +2,12 @@
 
 Opens input stacks (Zarr v2/v3 arrays, or a group holding one), reads mask files, and writes the output group of
 DESIGN §3 with its completion status written last.
+
+A resumable output (DESIGN §5) also holds a ``_progress`` subgroup (ignored by ``xarray.open_zarr``): the raw
+registration of every frame, the shift each corrected frame was made with, and per-block done markers (one chunk
+per block, written after the block's data). Its creation is the last step of setting an output up, so an output
+without it was interrupted before any frame was processed. A lock file in the output folder keeps a second
+process out while one is writing. Every array is written with a CRC32C checksum after compression.
 """
 
 from __future__ import annotations
@@ -9,15 +15,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import threading
+import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .errors import InputError, OutputError, OutputExistsError
+from .errors import InputError, OutputError, OutputExistsError, OutputLockedError
 
 STATUS_COMPLETE = "complete"
 STATUS_INCOMPLETE = "incomplete"
@@ -26,6 +38,14 @@ MARKER_ATTR = "driftcorr_version"
 _BLOCK_PIXELS = 16 * 512 * 512
 _MAX_BLOCK_FRAMES = 64
 SPATIAL_DIMS = {2: ("y", "x"), 3: ("z", "y", "x")}
+PROGRESS = "_progress"
+#: Raw registration results per frame, the shift each corrected frame was made with, and the done markers.
+REGISTRATION, APPLIED_SHIFT = f"{PROGRESS}/registration", f"{PROGRESS}/applied_shift"
+REGISTERED, CORRECTED = f"{PROGRESS}/registered", f"{PROGRESS}/corrected"
+LOCK_NAME = ".driftcorr.lock"
+#: A lock of another host (or of unknown owner) not refreshed for this long is taken to be left by a killed run.
+LOCK_STALE_SECONDS = 600.0
+_HEARTBEAT_SECONDS = 30.0
 
 
 def _location(path_or_url) -> str:
@@ -190,13 +210,16 @@ def read_status(path_or_url) -> str | None:
     return attrs.get("status", STATUS_INCOMPLETE)
 
 
-def prepare_output(output, *, input_location: str | None, overwrite: bool) -> str:
+def prepare_output(output, *, input_location: str | None, overwrite: bool, resumable: bool = False) -> str:
     """Check that the output may be written; nothing is deleted here (see :func:`remove_previous_output`).
+
+    With ``resumable``, an existing driftcorr output (or an empty folder) is accepted whatever ``overwrite`` says:
+    the caller resumes, extends or (with ``overwrite``) restarts it.
 
     Raises
     ------
     OutputExistsError
-        The output exists and ``overwrite`` is False.
+        The output exists and ``overwrite`` is False (not ``resumable``).
     OutputError
         The output is the input, lies inside it, cannot be written, or is not a driftcorr output.
     """
@@ -209,7 +232,11 @@ def prepare_output(output, *, input_location: str | None, overwrite: bool) -> st
         if out_path == in_path or in_path in out_path.parents or out_path in in_path.parents:
             raise OutputError(f"output {location!r} overlaps the input {input_location!r}; "
                               "choose an output outside the input")
-    if out_path.exists():
+    if out_path.exists() and resumable:
+        if read_status(out_path) is None and not is_empty_folder(out_path):
+            raise OutputError(f"output {location!r} exists and is not a driftcorr output; refusing to write into it, "
+                              "choose another output")
+    elif out_path.exists():
         if not overwrite:
             raise OutputExistsError(f"output {location!r} already exists; pass --overwrite to replace it")
         if read_status(out_path) is None:
@@ -248,10 +275,7 @@ def write_output(dataset: xr.Dataset, output, *, attrs: dict, block_frames: int)
     for key, value in list(ds.attrs.items()):
         if isinstance(value, dict):
             ds.attrs[key] = json.dumps(value, sort_keys=True)
-    encoding = {}
-    for name, variable in ds.data_vars.items():
-        if "frame" in variable.dims and variable.ndim >= 3:
-            encoding[name] = {"chunks": (block_frames, *variable.shape[1:])}
+    encoding = output_encoding(ds, block_frames)
     remove_previous_output(location)
     ds.to_zarr(location, mode="w-", zarr_format=3, consolidated=False, encoding=encoding)
     group = zarr.open_group(location, mode="r+")
@@ -261,3 +285,329 @@ def write_output(dataset: xr.Dataset, output, *, attrs: dict, block_frames: int)
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(location)
     return location
+
+
+def checksummed() -> dict:
+    """Zarr v3 codecs of every written array: zstd, then a CRC32C checksum, so a damaged chunk is an error."""
+    return {"compressors": (ZstdCodec(level=3), Crc32cCodec())}
+
+
+def output_encoding(dataset: xr.Dataset, block_frames: int) -> dict:
+    """xarray encoding of an output: checksummed arrays; frame stacks chunked one block of frames per chunk."""
+    encoding = {}
+    for name, variable in dataset.variables.items():
+        encoding[name] = checksummed()
+        if "frame" in variable.dims and variable.ndim >= 3:
+            encoding[name]["chunks"] = (block_frames, *variable.shape[1:])
+    return encoding
+
+
+# ---------------------------------------------------------------------------------------- resumable outputs
+@dataclass(frozen=True)
+class OutputState:
+    """What an existing driftcorr output holds.
+
+    Attributes
+    ----------
+    attrs : dict
+        The group's attributes (JSON strings decoded).
+    n_frames : int
+        Frames the output has room for.
+    ready : bool
+        Set up completely (static variables and progress arrays written); False: interrupted during set-up.
+    """
+
+    attrs: dict
+    n_frames: int
+    ready: bool
+
+    @property
+    def status(self) -> str:
+        return self.attrs.get("status", STATUS_INCOMPLETE)
+
+
+def _open_output(location: str, mode: str = "r"):
+    return zarr.open_group(location, mode=mode, use_consolidated=False)
+
+
+@contextmanager
+def _lock_file_ignored():
+    """Zarr warns about any file it does not know while listing a group, such as the lock file: not a problem."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized")
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        yield
+
+
+def read_output(output) -> OutputState | None:
+    """The state of the driftcorr output at ``output``, or None if there is none (absent, or not ours)."""
+    location = _location(output)
+    try:
+        group = _open_output(location)
+    except (FileNotFoundError, KeyError, ValueError, TypeError, zarr.errors.GroupNotFoundError):
+        return None
+    attrs = dict(group.attrs)
+    if MARKER_ATTR not in attrs:
+        return None
+    for key, value in attrs.items():
+        if isinstance(value, str) and value[:1] in "{[":
+            try:
+                attrs[key] = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+    with _lock_file_ignored():
+        members = dict(group.members())
+    n_frames = int(members["frame"].shape[0]) if "frame" in members else 0
+    ready = PROGRESS in members and isinstance(members[PROGRESS], zarr.Group)
+    return OutputState(attrs=attrs, n_frames=n_frames, ready=ready)
+
+
+def is_empty_folder(output) -> bool:
+    """True where ``output`` is a local folder holding nothing (or only a driftcorr lock)."""
+    location = _location(output)
+    if _is_remote(location) or not Path(location).is_dir():
+        return False
+    return all(entry.name == LOCK_NAME for entry in Path(location).iterdir())
+
+
+def clear_output(output) -> None:
+    """Delete the contents of a driftcorr output, keeping the folder and its lock (the caller holds it)."""
+    location = _location(output)
+    if read_output(location) is None and not is_empty_folder(location):
+        raise OutputError(f"output {location!r} is not a driftcorr output; refusing to delete it")
+    if _is_remote(location):
+        zarr.open_group(location, mode="w")
+        return
+    for entry in Path(location).iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def clean_partial_files(output) -> int:
+    """Remove the temporary ``*.partial`` files a killed write leaves in a local output; returns how many."""
+    location = _location(output)
+    if _is_remote(location) or not Path(location).is_dir():
+        return 0
+    removed = 0
+    for path in Path(location).rglob("*.partial"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def create_output(template: xr.Dataset, output, *, block_frames: int, n_columns: int) -> None:
+    """Set up a resumable output: metadata, static variables, then the progress arrays (last: set-up is done).
+
+    ``template`` holds the output's variables; those along ``frame`` may be lazy placeholders (not computed:
+    only their metadata is written). Its attributes must include :data:`MARKER_ATTR` and the status.
+    """
+    location = _location(output)
+    encoding = output_encoding(template, block_frames)
+    with _lock_file_ignored():
+        template.to_zarr(location, mode="a", compute=False, consolidated=False, zarr_format=3, encoding=encoding)
+    n_frames = template.sizes["frame"]
+    ndim = template.sizes["axis"]
+    n_blocks = -(-n_frames // block_frames)
+    progress = _open_output(location, "r+").create_group(PROGRESS)
+    common = checksummed()
+    progress.create_array("registration", shape=(n_frames, n_columns), chunks=(block_frames, n_columns),
+                          dtype=np.float64, fill_value=np.nan, **common)
+    progress.create_array("applied_shift", shape=(n_frames, ndim), chunks=(block_frames, ndim),
+                          dtype=np.float64, fill_value=np.nan, **common)
+    for name in ("registered", "corrected"):
+        progress.create_array(name, shape=(n_blocks,), chunks=(1,), dtype=np.int32, fill_value=0, **common)
+
+
+def grow_output(output, n_frames: int, block_frames: int, frame_coords: dict) -> None:
+    """Make room for ``n_frames`` frames (the input has grown): resize every frame array, write the new coordinates.
+
+    Parameters
+    ----------
+    frame_coords : dict of str to ndarray
+        Full values of the coordinates along ``frame`` (only the new part is written).
+    """
+    group = _open_output(_location(output), "r+")
+    old = int(group["frame"].shape[0])
+    with _lock_file_ignored():
+        arrays = list(group.arrays())
+    for _, array in arrays:
+        if (array.metadata.dimension_names or (None,))[0] == "frame":
+            array.resize((n_frames, *array.shape[1:]))
+    progress = group[PROGRESS]
+    for name in ("registration", "applied_shift"):
+        progress[name].resize((n_frames, *progress[name].shape[1:]))
+    for name in ("registered", "corrected"):
+        progress[name].resize((-(-n_frames // block_frames),))
+    for name, values in frame_coords.items():
+        if name in group:
+            group[name][old:] = np.asarray(values)[old:]
+
+
+def write_block(output, start: int, arrays: dict, marker: str, block: int) -> None:
+    """Write one block's data, then its done marker (the number of frames it holds).
+
+    Parameters
+    ----------
+    start : int
+        First frame of the block.
+    arrays : dict of str to ndarray
+        Array path in the output to the block's values (frames along the first axis).
+    marker : str
+        Path of the marker array (:data:`REGISTERED` or :data:`CORRECTED`).
+    block : int
+        Index of the block.
+    """
+    group = _open_output(_location(output), "r+")
+    count = 0
+    for name, values in arrays.items():
+        values = np.asarray(values)
+        group[name][start:start + values.shape[0]] = values
+        count = values.shape[0]
+    group[marker][block] = count
+
+
+def read_array(output, name: str) -> np.ndarray:
+    """The whole array ``name`` of an output, in memory."""
+    return _open_output(_location(output))[name][...]
+
+
+def write_changed_rows(output, name: str, values: np.ndarray) -> None:
+    """Write a per-frame array, only from its first frame that differs from what is stored (NaN equals NaN)."""
+    array = _open_output(_location(output), "r+")[name]
+    stored = array[...]
+    values = np.asarray(values, dtype=array.dtype)
+    same = values == stored
+    if values.dtype.kind == "f":
+        same |= np.isnan(values) & np.isnan(stored)
+    rows = np.flatnonzero(~same.reshape(values.shape[0], -1).all(axis=1))
+    if rows.size:
+        array[rows[0]:] = values[rows[0]:]
+
+
+def set_attributes(output, attrs: dict, *, status: str) -> None:
+    """Update the output's attributes and status; a ``complete`` status also consolidates the metadata.
+
+    While an output is being changed its consolidated metadata is stale, so it is rewritten with the status
+    ``incomplete`` first: a reader that trusts consolidated metadata never sees a changing output as complete.
+    """
+    location = _location(output)
+    group = _open_output(location, "r+")
+    encoded = {key: json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+               for key, value in attrs.items()}
+    group.attrs.update({**encoded, "status": status})
+    with _lock_file_ignored():
+        zarr.consolidate_metadata(location)
+
+
+# --------------------------------------------------------------------------------------------------- locks
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_lock(output) -> dict | None:
+    """The owner of an output's lock (``pid``, ``host``, ``since``), or None when it is not locked."""
+    path = Path(_location(output)) / LOCK_NAME
+    try:
+        text = path.read_text()
+        age = time.time() - path.stat().st_mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        owner = json.loads(text)
+    except json.JSONDecodeError:
+        owner = {}
+    return {**owner, "age_s": age}
+
+
+def _is_stale(owner: dict) -> bool:
+    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+        return not _process_alive(owner["pid"])
+    return owner["age_s"] > LOCK_STALE_SECONDS
+
+
+@contextmanager
+def output_lock(output):
+    """Hold the output's lock file while writing it; refuse when another live run holds it.
+
+    A lock left by a killed run is taken over: on this host when its process is gone, otherwise when it has not
+    been refreshed (every few seconds while held) for :data:`LOCK_STALE_SECONDS`. The output folder is created
+    here if needed, and removed again on the way out if nothing was written into it. Object-store outputs are
+    not locked.
+    """
+    location = _location(output)
+    if _is_remote(location):
+        yield
+        return
+    folder = Path(location)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for attempt in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(location)
+            if holder is not None and (attempt or not _is_stale(holder)):
+                raise OutputLockedError(
+                    f"output {location!r} is being written by process {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')}; wait for it to finish (a lock left by a killed run is taken over "
+                    f"once that process is gone) or write to another output") from None
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(owner, handle)
+        break
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(_HEARTBEAT_SECONDS):
+            try:
+                os.utime(path)
+            except OSError:
+                return
+
+    beat = threading.Thread(target=heartbeat, name="driftcorr-lock", daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        path.unlink(missing_ok=True)
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def describe_output(output) -> str:
+    """A few lines on a driftcorr output: completion, frames registered and corrected, lock, input, configuration."""
+    location = _location(output)
+    state = read_output(location)
+    if state is None:
+        raise InputError(f"{location!r} is not a driftcorr output; give the OUTPUT of 'driftcorr correct' or "
+                         "'driftcorr estimate'")
+    lines = [f"output      {location}", f"status      {state.status}"]
+    if state.ready:
+        group = _open_output(location)
+        total = state.n_frames
+        registered = int(group[REGISTERED][...].sum())
+        lines.append(f"registered  {registered} / {total} frames")
+        if "corrected" in group:
+            lines.append(f"corrected   {int(group[CORRECTED][...].sum())} / {total} frames")
+    else:
+        lines.append("registered  0 frames (set-up not finished)")
+    owner = read_lock(location) if not _is_remote(location) else None
+    if owner is not None:
+        lines.append(f"locked by   process {owner.get('pid', '?')} on {owner.get('host', '?')} "
+                     f"(refreshed {owner['age_s']:.0f} s ago)")
+    lines.append(f"input       {state.attrs.get('input', '?')}")
+    config = state.attrs.get("config", {})
+    lines.append("config      " + (json.dumps(config, sort_keys=True) if isinstance(config, dict) else str(config)))
+    return "\n".join(lines)
