@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import string
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 
@@ -38,6 +40,9 @@ SAMPLE_FRAMES = 32
 _TABLE_CHUNK = 4096
 _FIRST_FRAMES = 4
 _THREADPOOLS: ThreadpoolController | None = None
+_BLAS_GUARD = threading.Lock()
+_BLAS_TASKS = 0
+_BLAS_LIMITER = None
 
 
 def _blas_pools() -> ThreadpoolController:
@@ -46,6 +51,32 @@ def _blas_pools() -> ThreadpoolController:
     if _THREADPOOLS is None:
         _THREADPOOLS = ThreadpoolController()
     return _THREADPOOLS
+
+
+@contextmanager
+def _single_threaded_blas():
+    """Keep BLAS on one thread while any task of this process runs in it.
+
+    Each task owns one thread, so BLAS inside it (the DFT matrix products, the residual's sums) must not start its
+    own pool. The limit is set when the first running task enters and restored when the last one leaves: a
+    context per task would let one task restore the pool under another, whose sums would then be split over
+    threads and round differently from run to run. :func:`estimate_drift` and :func:`correct` hold it for their
+    whole run (set-up included): with it held only around each task, runs still differed in the last bits of
+    a few sigmas now and then, which a resumed run must not (it must equal an uninterrupted one bit for bit).
+    """
+    global _BLAS_TASKS, _BLAS_LIMITER
+    with _BLAS_GUARD:
+        if _BLAS_TASKS == 0:
+            _BLAS_LIMITER = _blas_pools().limit(limits=1, user_api="blas")
+        _BLAS_TASKS += 1
+    try:
+        yield
+    finally:
+        with _BLAS_GUARD:
+            _BLAS_TASKS -= 1
+            if _BLAS_TASKS == 0:
+                _BLAS_LIMITER.restore_original_limits()
+                _BLAS_LIMITER = None
 
 
 def _resolve_config(config: CorrectionConfig | None, **options) -> CorrectionConfig:
@@ -102,8 +133,7 @@ def _mask_array(mask, frame_shape: tuple[int, ...]):
 
 def _register_block(block: np.ndarray, plan, upsample_factor: float) -> np.ndarray:
     """Register one block of frames; returns (n, 2 * ndim + 3): shift, sigma, ncc, overlap, second peak."""
-    # Each task owns one thread: BLAS inside it (the DFT matrix products) must not start its own pool.
-    with _blas_pools().limit(limits=1, user_api="blas"):
+    with _single_threaded_blas():
         result = register_frames(plan, block, upsample_factor=upsample_factor, workers=1)
     columns = [result.shift, result.sigma] + [getattr(result, name)[:, None] for name in _QUALITY]
     return np.concatenate(columns, axis=1)
@@ -222,9 +252,10 @@ def estimate_drift(
                           method=method, min_overlap=min_overlap, min_ncc=min_ncc, detect_defects=detect_defects,
                           tame_outliers=tame_outliers, bandpass=bandpass, block_frames=block_frames, array=array)
     frames = as_stack(stack, array=cfg.array, block_frames=cfg.block_frames)
-    setup = _set_up(frames, _mask_array(mask, tuple(frames.shape[1:])), cfg)
-    plan = setup.plan(cfg)
-    values = _registration_table(frames, plan, cfg.upsample_factor).compute()
+    with _single_threaded_blas():
+        setup = _set_up(frames, _mask_array(mask, tuple(frames.shape[1:])), cfg)
+        plan = setup.plan(cfg)
+        values = _registration_table(frames, plan, cfg.upsample_factor).compute()
     return _drift_from_registration(frames, values, setup, plan, cfg)
 
 
@@ -459,7 +490,7 @@ def correct(
     user_mask = _mask_array(mask, tuple(frames.shape[1:]))
     identity = _run_identity(frames, user_mask, cfg, estimate_only)
     block = int(frames.data.chunksize[0])
-    with store.output_lock(location):
+    with store.output_lock(location), _single_threaded_blas():
         store.clean_partial_files(location)
         state = store.read_output(location)
         if state is None or overwrite or not state.ready:
@@ -470,7 +501,7 @@ def correct(
         else:
             _check_same_run(location, state, identity, frames.shape[0])
             if state.status == store.STATUS_COMPLETE and state.n_frames == frames.shape[0]:
-                return xr.open_zarr(location, consolidated=False)  # up to date: nothing is touched
+                return store.open_output_dataset(location)  # up to date: nothing is touched
             store.set_attributes(location, {}, status=store.STATUS_INCOMPLETE)
             setup = _setup_from_output(location)
             if frames.shape[0] > state.n_frames:
@@ -548,7 +579,7 @@ def _create_output(location: str, frames: xr.DataArray, setup: _Setup, cfg: Corr
 
 def _setup_from_output(location: str) -> _Setup:
     """The defects and reference an output was set up with, read back to register more frames against them."""
-    stored = xr.open_zarr(location, consolidated=False)
+    stored = store.open_output_dataset(location)
     defects = DefectMap(codes=stored["defects"].values,
                         n_frames=int(stored["defects"].attrs.get("frames_examined", 0)))
     label = stored["reference"].attrs.get("long_name", "")

@@ -362,6 +362,12 @@ def read_output(output) -> OutputState | None:
     return OutputState(attrs=attrs, n_frames=n_frames, ready=ready)
 
 
+def open_output_dataset(output) -> xr.Dataset:
+    """An output opened lazily with xarray, also while it is being written (its lock file is no array)."""
+    with _lock_file_ignored():
+        return xr.open_zarr(_location(output), consolidated=False)
+
+
 def is_empty_folder(output) -> bool:
     """True where ``output`` is a local folder holding nothing (or only a driftcorr lock)."""
     location = _location(output)
