@@ -282,3 +282,30 @@ def test_demo(cli, tmp_path):
     assert (out / "raw.zarr").exists()
     ds = xr.open_zarr(out / "corrected.zarr")
     assert ds.attrs["status"] == "complete" and ds["corrected"].shape == (40, 128, 128)
+
+
+def test_failing_block_exits_1_and_the_rerun_resumes(cli, stored_inputs, tmp_path, monkeypatch):
+    import driftcorr.pipeline as pipeline
+
+    output = tmp_path / "out.zarr"
+    register = pipeline._register_block
+
+    def poisoned(block, plan, upsample):
+        if poisoned.armed and len(poisoned.calls) == 2:
+            poisoned.calls.append("failed")
+            raise MemoryError("cannot allocate")
+        poisoned.calls.append(len(block))
+        return register(block, plan, upsample)
+
+    poisoned.armed, poisoned.calls = True, []
+    monkeypatch.setattr(pipeline, "_register_block", poisoned)
+    result = cli("estimate", stored_inputs["v3"], output, "--block-frames", "8")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MemoryError" in lines[0] and "resume" in lines[0] and "Traceback" not in result.stderr
+    assert xr.open_zarr(output).attrs["status"] == "incomplete"
+    poisoned.armed, poisoned.calls = False, []
+    result = cli("estimate", stored_inputs["v3"], output, "--block-frames", "8")
+    assert result.exit_code == 0, result.stderr
+    assert poisoned.calls == [8]  # only the block that failed
+    assert xr.open_zarr(output).attrs["status"] == "complete"

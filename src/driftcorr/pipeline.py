@@ -498,6 +498,7 @@ def correct(
             if state is not None:
                 store.clear_output(location)
             _create_output(location, frames, setup, cfg, identity, block, estimate_only)
+            store.set_attributes(location, {}, status=store.STATUS_INCOMPLETE)  # consolidated: readable, unfinished
         else:
             _check_same_run(location, state, identity, frames.shape[0])
             if state.status == store.STATUS_COMPLETE and state.n_frames == frames.shape[0]:
