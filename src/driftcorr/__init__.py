@@ -14,12 +14,16 @@ open_stack
     Open a stored stack lazily.
 """
 
+import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import ConfigError, DriftcorrError, InputError, OutputError, OutputExistsError
 from .pipeline import apply_drift, correct, estimate_drift
 from .registration import RegistrationResult, register
 from .store import open_stack
+
+# A library logs; the application decides where it goes (the command line reports on its own).
+logging.getLogger("driftcorr").addHandler(logging.NullHandler())
 
 try:
     __version__ = version("driftcorr")

@@ -98,6 +98,11 @@ def _run_correction(input, output, mask, config_file, overwrite, estimate_only, 
 
     cfg = _build_config(config_file, **options)
     result = correct(input, output, mask=mask, overwrite=overwrite, estimate_only=estimate_only, config=cfg)
+    unreadable = result.attrs.get("unreadable_frames") or []
+    if unreadable:
+        frames = ", ".join(f"{first}-{last}" for first, last in unreadable)
+        click.echo(f"driftcorr: warning: input frames {frames} could not be read (damaged chunks); they are marked "
+                   "invalid and their shift interpolated", err=True)
     n_valid = int(result["valid"].sum())
     click.echo(f"wrote {output}: {result.sizes['frame']} frames, {n_valid} valid, "
                f"{result.sizes['frame'] - n_valid} flagged")

@@ -8,6 +8,7 @@ graph once, as a single key every block depends on.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import string
 import threading
@@ -30,6 +31,7 @@ from .registration import check_mask, make_plan, register_frames
 from .trajectory import fill_invalid, flag_frames
 from .warp import shift_frames
 
+_log = logging.getLogger("driftcorr")
 _QUALITY = ("ncc", "overlap", "second_peak")
 #: Variables along ``frame`` that the drift estimate writes (the corrected stack aside).
 _PER_FRAME = ("shift", "raw_shift", "sigma", "valid", *_QUALITY)
@@ -157,10 +159,20 @@ class _Sample:
         self._read: dict[tuple[int, ...], np.ndarray] = {}
 
     def get(self, index: np.ndarray) -> np.ndarray:
+        """The frames at ``index``; a frame that cannot be read (damaged chunk) comes back as NaN (not lit)."""
         key = tuple(int(i) for i in index)
         if key not in self._read:
-            self._read[key] = np.asarray(self._frames.data[np.asarray(index)].compute())
+            try:
+                self._read[key] = np.asarray(self._frames.data[np.asarray(index)].compute())
+            except Exception:  # read them one by one: only the damaged ones are lost
+                self._read[key] = np.stack([self._frame_or_nan(i) for i in key])
         return self._read[key]
+
+    def _frame_or_nan(self, i: int) -> np.ndarray:
+        try:
+            return np.asarray(self._frames.data[i].compute(), dtype=np.float64)
+        except Exception:
+            return np.full(self._frames.shape[1:], np.nan)
 
 
 def find_defects(frames: xr.DataArray, user_mask, *, detect: bool = True, sample: _Sample | None = None) -> DefectMap:
@@ -199,7 +211,11 @@ def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shi
         anchor = int(index[built.anchor])
         label = f"{spec}: {built.n_frames} aligned frames averaged, anchored on frame {anchor}"
         return built.image, built.mask, label, anchor
-    selected = np.asarray(frames.data[spec.start:spec.stop].compute())
+    try:
+        selected = np.asarray(frames.data[spec.start:spec.stop].compute())
+    except Exception as error:
+        raise InputError(f"reference {spec}: frames {spec.start}-{spec.stop - 1} cannot be read "
+                         f"({type(error).__name__}: {error}); choose other reference frames") from None
     image = combine_frames(selected, spec.kind)
     if not np.all(np.isfinite(image[mask])):
         raise InputError(f"reference {spec} contains NaN or infinite pixels; choose another reference frame")
@@ -516,7 +532,12 @@ def correct(
             store.write_changed_rows(location, name, drift[name].values)
         if not estimate_only:
             _run_blocks(_correction_tasks(frames, drift["shift"].values, cfg, location, block))
-        store.set_attributes(location, {**drift.attrs, **identity}, status=store.STATUS_COMPLETE)
+        unreadable = _unreadable_frames(location, frames.shape[0], block)
+        if unreadable:
+            _log.warning("input frames %s could not be read; they are marked invalid",
+                         ", ".join(f"{a}-{b}" for a, b in unreadable))
+        store.set_attributes(location, {**drift.attrs, **identity, "unreadable_frames": unreadable},
+                             status=store.STATUS_COMPLETE)
     return xr.open_zarr(location, consolidated=False)
 
 
@@ -595,12 +616,26 @@ def _blocks(n_frames: int, block: int):
     return [(k, start, min(start + block, n_frames)) for k, start in enumerate(range(0, n_frames, block))]
 
 
+def _block_source(frames: xr.DataArray, start: int, stop: int):
+    """What a block task reads its frames from: the stored array, read inside the task, or a Dask slice."""
+    reader = store.frame_reader(frames)
+    return (reader, start, stop) if reader is not None else frames.data[start:stop]
+
+
+def _read_block(source) -> np.ndarray:
+    if isinstance(source, tuple):
+        reader, start, stop = source
+        return reader(start, stop)
+    return np.asarray(source)
+
+
 def _registration_tasks(frames: xr.DataArray, plan, cfg: CorrectionConfig, location: str, block: int) -> list:
     """One task per block not yet registered: register it, write its rows, then its done marker."""
     done = store.read_array(location, store.REGISTERED)
     plan_key = dask.delayed(plan, pure=True)
+    columns = 2 * (frames.ndim - 1) + 3
     return [(start, stop, dask.delayed(_register_and_store, pure=False)(
-                frames.data[start:stop], plan_key, cfg.upsample_factor, location, start, k))
+                _block_source(frames, start, stop), columns, plan_key, cfg.upsample_factor, location, start, k))
             for k, start, stop in _blocks(frames.shape[0], block) if done[k] != stop - start]
 
 
@@ -610,29 +645,45 @@ def _correction_tasks(frames: xr.DataArray, shifts: np.ndarray, cfg: CorrectionC
     done = store.read_array(location, store.CORRECTED)
     applied = store.read_array(location, store.APPLIED_SHIFT)
     return [(start, stop, dask.delayed(_shift_and_store, pure=False)(
-                frames.data[start:stop], shifts[start:stop], cfg.interpolation_order, location, start, k))
+                _block_source(frames, start, stop), tuple(frames.shape[1:]), shifts[start:stop],
+                cfg.interpolation_order, location, start, k))
             for k, start, stop in _blocks(frames.shape[0], block)
             if done[k] != stop - start or not np.array_equal(applied[start:stop], shifts[start:stop], equal_nan=True)]
 
 
-def _register_and_store(frames: np.ndarray, plan, upsample_factor: float, location: str, start: int,
-                        block: int) -> str | None:
+def _register_and_store(source, columns: int, plan, upsample_factor: float, location: str, start: int,
+                        block: int) -> tuple[str, str] | None:
+    """Register one block and store it; ``("unreadable" | "failed", message)`` when that could not be done."""
+    try:
+        frames = _read_block(source)
+    except Exception as error:  # damaged input chunks: the block's frames are marked invalid
+        rows = np.full((source[2] - source[1], columns), np.nan)
+        store.write_block(location, start, {store.REGISTRATION: rows}, store.REGISTERED, block, unreadable=True)
+        return "unreadable", f"{type(error).__name__}: {error}"
     try:
         values = _register_block(frames, plan, upsample_factor)
         store.write_block(location, start, {store.REGISTRATION: values}, store.REGISTERED, block)
     except Exception as error:  # reported with its block by _run_blocks; the other blocks go on
-        return f"{type(error).__name__}: {error}"
+        return "failed", f"{type(error).__name__}: {error}"
     return None
 
 
-def _shift_and_store(frames: np.ndarray, shifts: np.ndarray, order: int, location: str, start: int,
-                     block: int) -> str | None:
+def _shift_and_store(source, frame_shape: tuple[int, ...], shifts: np.ndarray, order: int, location: str,
+                     start: int, block: int) -> tuple[str, str] | None:
+    """Shift one block and store it; an unreadable block is stored as NaN frames."""
+    try:
+        frames = _read_block(source)
+    except Exception as error:
+        corrected = np.full((len(shifts), *frame_shape), np.nan, dtype=np.float32)
+        store.write_block(location, start, {"corrected": corrected, store.APPLIED_SHIFT: shifts}, store.CORRECTED,
+                          block, unreadable=True)
+        return "unreadable", f"{type(error).__name__}: {error}"
     try:
         corrected = shift_frames(frames, shifts, order=order)
         store.write_block(location, start, {"corrected": corrected, store.APPLIED_SHIFT: shifts}, store.CORRECTED,
                           block)
     except Exception as error:  # reported with its block by _run_blocks; the other blocks go on
-        return f"{type(error).__name__}: {error}"
+        return "failed", f"{type(error).__name__}: {error}"
     return None
 
 
@@ -643,13 +694,20 @@ def _run_blocks(tasks: list) -> None:
     resume = "the output is left incomplete; run the same command again to resume it"
     try:
         results = dask.compute(*[task for _, _, task in tasks])
-    except Exception as error:  # a worker lost for good, an unreadable input chunk, ...
+    except Exception as error:  # a worker lost for good, an unreadable in-memory input, ...
         raise RunFailedError(f"the run stopped ({type(error).__name__}: {error}); {resume}") from error
-    failed = [(start, stop, message) for (start, stop, _), message in zip(tasks, results, strict=True) if message]
+    failed = [(start, stop, result[1]) for (start, stop, _), result in zip(tasks, results, strict=True)
+              if result is not None and result[0] == "failed"]
     if failed:
         start, stop, message = failed[0]
         raise RunFailedError(f"{len(failed)} of {len(tasks)} blocks failed, the first one (frames {start}-{stop - 1}) "
                              f"with {message}; {resume}")
+
+
+def _unreadable_frames(location: str, n_frames: int, block: int) -> list[list[int]]:
+    """[first, last] frame of every block whose input could not be read, from the output's progress record."""
+    flags = store.read_array(location, store.UNREADABLE)
+    return [[start, stop - 1] for k, start, stop in _blocks(n_frames, block) if flags[k]]
 
 
 def apply_stored_drift(input, drift, output, *, array: str | None = None, interpolation_order: int = 3,

@@ -42,6 +42,8 @@ PROGRESS = "_progress"
 #: Raw registration results per frame, the shift each corrected frame was made with, and the done markers.
 REGISTRATION, APPLIED_SHIFT = f"{PROGRESS}/registration", f"{PROGRESS}/applied_shift"
 REGISTERED, CORRECTED = f"{PROGRESS}/registered", f"{PROGRESS}/corrected"
+#: Per block: 1 where the input's frames could not be read (they are marked invalid).
+UNREADABLE = f"{PROGRESS}/unreadable"
 LOCK_NAME = ".driftcorr.lock"
 #: A lock of another host (or of unknown owner) not refreshed for this long is taken to be left by a killed run.
 LOCK_STALE_SECONDS = 600.0
@@ -119,7 +121,29 @@ def open_stack(path_or_url, *, array: str | None = None, block_frames: int | Non
     data = da.from_zarr(arr, chunks=(blocks, *arr.shape[1:]))
     dims = ("frame", *SPATIAL_DIMS[arr.ndim - 1])
     return xr.DataArray(data, dims=dims, coords={"frame": np.arange(arr.shape[0])}, name="frames",
-                        attrs={"source": location})
+                        attrs={"source": location, "array_path": arr.path})
+
+
+@dataclass(frozen=True)
+class FrameReader:
+    """Reads frames ``start:stop`` of a stored stack straight from its Zarr array.
+
+    Tasks read their block with it, so that a block whose chunks cannot be read (damaged, checksum mismatch) is
+    known by its frames instead of stopping the whole computation.
+    """
+
+    location: str
+    path: str
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        return zarr.open_array(self.location, path=self.path, mode="r")[start:stop]
+
+
+def frame_reader(frames: xr.DataArray) -> FrameReader | None:
+    """A :class:`FrameReader` for a stack opened by :func:`open_stack` (None for other stacks)."""
+    if "source" in frames.attrs and "array_path" in frames.attrs:
+        return FrameReader(frames.attrs["source"], frames.attrs["array_path"])
+    return None
 
 
 def validate_stack_shape(shape: tuple[int, ...], dtype, where: str = "input") -> None:
@@ -421,7 +445,7 @@ def create_output(template: xr.Dataset, output, *, block_frames: int, n_columns:
                           dtype=np.float64, fill_value=np.nan, **common)
     progress.create_array("applied_shift", shape=(n_frames, ndim), chunks=(block_frames, ndim),
                           dtype=np.float64, fill_value=np.nan, **common)
-    for name in ("registered", "corrected"):
+    for name in ("registered", "corrected", "unreadable"):
         progress.create_array(name, shape=(n_blocks,), chunks=(1,), dtype=np.int32, fill_value=0, **common)
 
 
@@ -443,14 +467,14 @@ def grow_output(output, n_frames: int, block_frames: int, frame_coords: dict) ->
     progress = group[PROGRESS]
     for name in ("registration", "applied_shift"):
         progress[name].resize((n_frames, *progress[name].shape[1:]))
-    for name in ("registered", "corrected"):
+    for name in ("registered", "corrected", "unreadable"):
         progress[name].resize((-(-n_frames // block_frames),))
     for name, values in frame_coords.items():
         if name in group:
             group[name][old:] = np.asarray(values)[old:]
 
 
-def write_block(output, start: int, arrays: dict, marker: str, block: int) -> None:
+def write_block(output, start: int, arrays: dict, marker: str, block: int, *, unreadable: bool = False) -> None:
     """Write one block's data, then its done marker (the number of frames it holds).
 
     Parameters
@@ -463,6 +487,8 @@ def write_block(output, start: int, arrays: dict, marker: str, block: int) -> No
         Path of the marker array (:data:`REGISTERED` or :data:`CORRECTED`).
     block : int
         Index of the block.
+    unreadable : bool
+        The block's input frames could not be read (recorded in :data:`UNREADABLE`).
     """
     group = _open_output(_location(output), "r+")
     count = 0
@@ -470,6 +496,8 @@ def write_block(output, start: int, arrays: dict, marker: str, block: int) -> No
         values = np.asarray(values)
         group[name][start:start + values.shape[0]] = values
         count = values.shape[0]
+    if unreadable:
+        group[UNREADABLE][block] = 1
     group[marker][block] = count
 
 
