@@ -112,10 +112,11 @@ def _as_max_shift(max_shift, frame_shape: tuple[int, ...]) -> tuple[int, ...]:
         raise InputError(f"max_shift must be at least 1 px (got {max_shift!r})")
     out = tuple(int(np.ceil(v)) for v in values)
     for d, n in zip(out, frame_shape, strict=True):
-        if d >= n:
+        if d > n // 2:
             shape = "×".join(map(str, frame_shape))
             raise InputError(
-                f"max_shift must be smaller than the frame (got {max_shift!r} for {shape}); pass a smaller max_shift"
+                f"max_shift must be at most half the frame (got {max_shift!r} for {shape} frames, at most "
+                f"{min(frame_shape) // 2}): beyond that too little of two frames overlaps to register them"
             )
     return out
 

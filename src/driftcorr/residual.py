@@ -149,32 +149,42 @@ def _aligned(spectra: np.ndarray, shift: np.ndarray, pad, frame_shape, workers: 
     return aligned[(slice(None), *(slice(0, n) for n in frame_shape))].reshape(len(shift), -1).astype(np.float64)
 
 
-def _centred_columns(columns: np.ndarray, use: np.ndarray, shells: np.ndarray | None) -> np.ndarray:
-    """``columns`` (pixels, k) minus their mean over the used pixels, per shell when there are shells; 0 unused."""
-    out = np.zeros((use.size, columns.shape[1]))
+@dataclass(frozen=True, eq=False)
+class _UsedPixels:
+    """The reference side of the fit over one set of used pixels (shared by the frames that use the same set)."""
+
+    index: np.ndarray  # flat indices of the used pixels
+    labels: np.ndarray  # compact shell index of each used pixel (all 0 without shells)
+    counts: np.ndarray  # pixels per shell
+    x: np.ndarray  # (used, 1 + ndim): f and grad f, shell means removed
+    inv_normal: np.ndarray  # inverse of x^T x
+    f: np.ndarray  # f minus its plain mean, for the overall gain
+    ff: float  # f . f
+    tiles: np.ndarray | None  # tile of each used pixel (clustered scores)
+
+
+def _used_pixels(basis: ResidualBasis, use: np.ndarray, tiles: np.ndarray | None) -> _UsedPixels | None:
+    """Precompute the fit's reference side over the pixels ``use``; None when the fit is not possible there."""
     index = np.flatnonzero(use)
-    values = columns[index]
-    if shells is None:
-        out[index] = values - values.mean(axis=0)
-        return out
-    labels = shells[index]
-    counts = np.bincount(labels)
-    safe = np.maximum(counts, 1)
-    for c in range(values.shape[1]):
-        means = np.bincount(labels, weights=values[:, c], minlength=counts.size) / safe
-        out[index, c] = values[:, c] - means[labels]
-    return out
+    ndim = basis.gradients.shape[1]
+    if index.size < 3 * ndim + 3:
+        return None
+    shells = basis.shells[index] if basis.shells is not None else np.zeros(index.size, np.int64)
+    _, labels, counts = np.unique(shells, return_inverse=True, return_counts=True)
+    columns = np.column_stack([basis.image[index], basis.gradients[index]])
+    x = columns - _shell_means(columns, labels, counts)[labels]
+    normal = x.T @ x
+    if not np.linalg.det(normal) > 0:
+        return None
+    f = basis.image[index] - basis.image[index].mean()
+    return _UsedPixels(index=index, labels=labels, counts=counts, x=x, inv_normal=np.linalg.inv(normal), f=f,
+                       ff=float(f @ f), tiles=tiles[index] if tiles is not None else None)
 
 
-def _overall_gain(g: np.ndarray, f: np.ndarray, use: np.ndarray) -> float:
-    """Least-squares gain of ``g`` against ``f`` (with an offset) over the used pixels.
-
-    The shift's coefficient is ``gain`` times the shift; the gain of ``f`` in the fit with radial shells cannot
-    stand in for it, as the shells leave ``f`` little besides noise and its fitted gain shrinks towards 0.
-    """
-    g, f = g[use], f[use]
-    f = f - f.mean()
-    return float(f @ (g - g.mean()) / (f @ f)) if f @ f > 0 else float("nan")
+def _shell_means(columns: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Mean of each column of ``columns`` (pixels, k) over each shell: (shells, k)."""
+    return np.stack([np.bincount(labels, weights=columns[:, c], minlength=counts.size) / counts
+                     for c in range(columns.shape[1])], axis=1)
 
 
 def residual_step(basis: ResidualBasis, spectra_conj: np.ndarray, masks: np.ndarray, shift: np.ndarray,
@@ -225,31 +235,30 @@ def residual_step(basis: ResidualBasis, spectra_conj: np.ndarray, masks: np.ndar
     frame_shape = basis.inner.shape
     aligned = _aligned(np.conj(spectra_conj[rows]), shift[rows], pad, frame_shape, workers)
     per_frame = masks.ndim > ndim
-    columns = np.column_stack([basis.image, basis.gradients])  # f, grad f
     tiles = _tile_labels(frame_shape) if clustered else None
+    sides: dict = {}  # frames whose used pixels are the same share the reference side of the fit
     for k, t in enumerate(rows):
-        inner = inner_pixels(masks[t]) if per_frame else basis.moving_inner
-        use = (shifted_mask(inner, np.round(shift[t])) & basis.inner).ravel()
-        if use.sum() < 3 * ndim + 3:
+        offset = tuple(int(v) for v in np.round(shift[t]))
+        key = (t, *offset) if per_frame else offset
+        if key not in sides:
+            inner = inner_pixels(masks[t]) if per_frame else basis.moving_inner
+            sides[key] = _used_pixels(basis, (shifted_mask(inner, offset) & basis.inner).ravel(), tiles)
+        side = sides[key]
+        if side is None:
             continue
-        centred = _centred_columns(np.column_stack([aligned[k], columns]), use, basis.shells)
-        y, x = centred[:, 0], centred[:, 1:]
-        normal = x.T @ x
-        if not np.linalg.det(normal) > 0:
-            continue
-        inv_normal = np.linalg.inv(normal)
-        beta = inv_normal @ (x.T @ y)
-        gain = _overall_gain(aligned[k], basis.image, use)
+        g = aligned[k][side.index]
+        shell_mean = np.bincount(side.labels, weights=g, minlength=side.counts.size) / side.counts
+        y = g - shell_mean[side.labels]
+        gain = float(side.f @ (g - g.mean())) / side.ff if side.ff > 0 else float("nan")
         if not gain > 0:
             continue
-        residual = y - x @ beta
-        if tiles is None:
-            scores = residual[:, None] * x
-            meat = scores.T @ scores
-        else:
-            sums = np.stack([np.bincount(tiles, weights=residual * x[:, i]) for i in range(ndim + 1)], axis=1)
-            meat = sums.T @ sums
-        cov = SIGMA_SCALE * (inv_normal @ meat @ inv_normal)[1:, 1:] / gain**2
+        beta = side.inv_normal @ (side.x.T @ y)
+        residual = y - side.x @ beta
+        scores = residual[:, None] * side.x
+        if side.tiles is not None:
+            scores = np.stack([np.bincount(side.tiles, weights=scores[:, i]) for i in range(ndim + 1)], axis=1)
+        meat = scores.T @ scores
+        cov = SIGMA_SCALE * (side.inv_normal @ meat @ side.inv_normal)[1:, 1:] / gain**2
         sigma[t] = np.sqrt(np.clip(np.diagonal(cov), 0, None))
         step = beta[1:] / gain
         if refine and np.all(np.abs(step) <= MAX_STEP):
