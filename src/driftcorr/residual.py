@@ -154,8 +154,8 @@ class _UsedPixels:
     """The reference side of the fit over one set of used pixels (shared by the frames that use the same set)."""
 
     index: np.ndarray  # flat indices of the used pixels
-    labels: np.ndarray  # compact shell index of each used pixel (all 0 without shells)
-    counts: np.ndarray  # pixels per shell
+    labels: np.ndarray  # shell of each used pixel (all 0 without shells)
+    counts: np.ndarray  # pixels per shell (1 for empty shells)
     x: np.ndarray  # (used, 1 + ndim): f and grad f, shell means removed
     inv_normal: np.ndarray  # inverse of x^T x
     f: np.ndarray  # f minus its plain mean, for the overall gain
@@ -169,8 +169,8 @@ def _used_pixels(basis: ResidualBasis, use: np.ndarray, tiles: np.ndarray | None
     ndim = basis.gradients.shape[1]
     if index.size < 3 * ndim + 3:
         return None
-    shells = basis.shells[index] if basis.shells is not None else np.zeros(index.size, np.int64)
-    _, labels, counts = np.unique(shells, return_inverse=True, return_counts=True)
+    labels = basis.shells[index] if basis.shells is not None else np.zeros(index.size, np.int64)
+    counts = np.maximum(np.bincount(labels), 1)  # empty shells are never looked up
     columns = np.column_stack([basis.image[index], basis.gradients[index]])
     x = columns - _shell_means(columns, labels, counts)[labels]
     normal = x.T @ x
