@@ -168,8 +168,10 @@ def lit_frames(frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     signal : ndarray, shape (n,)
         99th percentile minus the dark level.
     """
-    flat = np.asarray(frames, dtype=np.float64).reshape(len(frames), -1)
-    finite = np.isfinite(flat).all(axis=1)
+    frames = np.asarray(frames)
+    # Every 4th row is plenty for percentiles and neighbour differences, at a quarter of the cost.
+    flat = np.asarray(frames[:, ::4] if frames.ndim > 2 else frames, dtype=np.float64).reshape(len(frames), -1)
+    finite = np.isfinite(frames.reshape(len(frames), -1)).all(axis=1)
     dark = np.full(len(flat), np.nan)
     signal = np.full(len(flat), np.nan)
     if finite.any():

@@ -16,6 +16,7 @@ A reference is written as
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from scipy.sparse.csgraph import connected_components
 from .defects import find_outliers, intensity_levels, lit_frames
 from .errors import InputError
 from .registration import make_plan, register_frames
+from .residual import shifted_mask
 from .trajectory import flag_frames
 from .warp import shift_frames
 
@@ -191,15 +193,14 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
     for i in np.flatnonzero(~np.all(masks == mask, axis=tuple(range(1, frames.ndim)))):
         filled[i] = _fill_from_nearest(frames[i:i + 1], masks[i])[0]
     aligned = shift_frames(filled, shifts, order=order, cval=np.nan, dtype=np.float64)
-    coverage = shift_frames(masks.astype(np.float64), shifts, order=1, cval=0.0, dtype=np.float64)
-    valid = (coverage > 0.999) & np.isfinite(aligned)
+    valid = np.stack([_coverage(m, d) > 0.999 for m, d in zip(masks, shifts, strict=True)]) & np.isfinite(aligned)
     total = np.zeros(frames.shape[1:])
     count = np.zeros(frames.shape[1:])
     for frame, ok in zip(aligned, valid, strict=True):
         common = ok & template_mask
         if common.sum() < 2:
             continue
-        gain, offset = np.polyfit(template[common], frame[common], 1)
+        gain, offset = _gain_and_offset(template[common], frame[common])
         if not np.isfinite(gain) or gain <= 0:
             continue
         total[ok] += (frame[ok] - offset) / gain
@@ -208,6 +209,30 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
     image_mask = count >= max(1, min_coverage * used)
     image = np.where(image_mask, total / np.maximum(count, 1), 0.0)
     return image, image_mask
+
+
+def _coverage(mask: np.ndarray, shift) -> np.ndarray:
+    """The mask moved by ``shift`` with linear interpolation: the weight of valid pixels at each output pixel."""
+    shift = np.asarray(shift, dtype=np.float64)
+    low = np.floor(shift).astype(int)
+    fraction = shift - low
+    coverage = np.zeros(mask.shape)
+    for corner in itertools.product((0, 1), repeat=mask.ndim):
+        weight = float(np.prod([f if c else 1.0 - f for c, f in zip(corner, fraction, strict=True)]))
+        if weight > 0:
+            coverage += weight * shifted_mask(mask, low + np.asarray(corner))
+    return coverage
+
+
+def _gain_and_offset(template: np.ndarray, frame: np.ndarray) -> tuple[float, float]:
+    """Least-squares ``frame ≈ gain * template + offset``."""
+    t_mean, f_mean = template.mean(), frame.mean()
+    centred = template - t_mean
+    norm = float(centred @ centred)
+    if not norm > 0:
+        return float("nan"), float("nan")
+    gain = float(centred @ (frame - f_mean)) / norm
+    return gain, float(f_mean - gain * t_mean)
 
 
 def _lit_sample(sample) -> tuple[np.ndarray, int]:
