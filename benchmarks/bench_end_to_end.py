@@ -42,7 +42,8 @@ from skimage.registration import phase_cross_correlation
 raw, out, mask_path, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 source = zarr.open_array(raw, mode="r")
 mask = np.load(mask_path)
-target = zarr.create_array(out, shape=(count, *source.shape[1:]), chunks=(1, *source.shape[1:]), dtype="f4")
+target = zarr.create_array(out, shape=(count, *source.shape[1:]), chunks=(1, *source.shape[1:]), dtype="f4",
+                            overwrite=True)
 reference = source[0].astype(np.float64)
 start = time.perf_counter()
 for t in range(count):
