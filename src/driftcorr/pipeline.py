@@ -164,15 +164,19 @@ class _Sample:
         if key not in self._read:
             try:
                 self._read[key] = np.asarray(self._frames.data[np.asarray(index)].compute())
-            except Exception:  # read them one by one: only the damaged ones are lost
-                self._read[key] = np.stack([self._frame_or_nan(i) for i in key])
+            except Exception as error:  # read them one by one: only the damaged ones are lost
+                frames = [self._frame_or_none(i) for i in key]
+                if all(frame is None for frame in frames):
+                    raise error  # not damaged frames: nothing can be read at all
+                nan = np.full(self._frames.shape[1:], np.nan)
+                self._read[key] = np.stack([nan if frame is None else frame for frame in frames])
         return self._read[key]
 
-    def _frame_or_nan(self, i: int) -> np.ndarray:
+    def _frame_or_none(self, i: int) -> np.ndarray | None:
         try:
             return np.asarray(self._frames.data[i].compute(), dtype=np.float64)
         except Exception:
-            return np.full(self._frames.shape[1:], np.nan)
+            return None
 
 
 def find_defects(frames: xr.DataArray, user_mask, *, detect: bool = True, sample: _Sample | None = None) -> DefectMap:
