@@ -1,4 +1,4 @@
-"""Command line: ``driftcorr demo | correct | estimate | apply | status``.
+"""Command line: ``driftcorr demo | correct | estimate | apply | status | report``.
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 unexpected failure.
 """
@@ -145,6 +145,19 @@ def apply(input, drift, output, array, interpolation_order, overwrite):
     apply_stored_drift(input, drift, output, array=array, interpolation_order=interpolation_order,
                        overwrite=overwrite)
     click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("output")
+@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Write the report as a PNG image.")
+@click.option("--html", type=click.Path(dir_okay=False), default=None, help="Write it as a self-contained HTML page.")
+@_reporting_errors
+def report(output, png, html):
+    """Plot the drift of OUTPUT over time, its uncertainty, the flagged frames and the mean image before/after."""
+    from .report import write_report
+
+    write_report(output, png=png, html=html)
+    click.echo("wrote " + " and ".join(path for path in (png, html) if path))
 
 
 @main.command()
