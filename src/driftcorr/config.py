@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .reference import FORMS
@@ -34,6 +35,9 @@ class CorrectionConfig(BaseModel):
     min_ncc: float = Field(0.1, ge=-1, le=1, description="frames correlating worse are flagged invalid")
     interpolation_order: int = Field(3, ge=0, le=5, description="spline order used to shift frames")
     block_frames: int | None = Field(None, ge=1, description="frames per task (default: from the frame size)")
+    start_time: datetime | None = Field(None, description="time of frame 0 (ISO 8601); with frame_interval it "
+                                                          "builds the output's time coordinate")
+    frame_interval: float | None = Field(None, gt=0, description="seconds between frames (with start_time)")
     array: str | None = Field(None, description="array name inside an input group")
 
     @field_validator("reference", mode="before")
@@ -42,6 +46,12 @@ class CorrectionConfig(BaseModel):
         if isinstance(value, bool):
             raise ValueError(f"must be {FORMS}")
         return str(value) if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _time_needs_both(self):
+        if (self.start_time is None) != (self.frame_interval is None):
+            raise ValueError("start_time and frame_interval go together: give both or neither")
+        return self
 
     @field_validator("bandpass")
     @classmethod
@@ -60,11 +70,14 @@ class CorrectionConfig(BaseModel):
 
 def _explain(error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "configuration"
+    key = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
         known = ", ".join(CorrectionConfig.model_fields)
         return f"unknown configuration key {key!r}; known keys: {known}"
-    return f"invalid value for {key!r}: {first['msg']} (got {first.get('input')!r})"
+    message = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a rule between keys: the message names them
+        return f"invalid configuration: {message}"
+    return f"invalid value for {key!r}: {message} (got {first.get('input')!r})"
 
 
 def make_config(**options) -> CorrectionConfig:

@@ -87,6 +87,15 @@ def _resolve_config(config: CorrectionConfig | None, **options) -> CorrectionCon
     return make_config(**options)
 
 
+def with_time(frames: xr.DataArray, cfg: CorrectionConfig) -> xr.DataArray:
+    """Give the frames a ``time`` coordinate from ``start_time`` and ``frame_interval`` when the options set them."""
+    if cfg.start_time is None:
+        return frames
+    start = np.datetime64(cfg.start_time.replace(tzinfo=None), "us")
+    step = np.timedelta64(int(round(cfg.frame_interval * 1e6)), "us")
+    return frames.assign_coords(time=("frame", start + step * np.arange(frames.shape[0])))
+
+
 def as_stack(stack, *, array: str | None = None, block_frames: int | None = None) -> xr.DataArray:
     """Turn a NumPy array, Dask array, DataArray or path/URL into a lazy DataArray chunked in whole frames.
 
@@ -111,9 +120,9 @@ def as_stack(stack, *, array: str | None = None, block_frames: int | None = None
     if isinstance(stack, xr.DataArray):
         data, attrs = stack.data, dict(stack.attrs)
         first = stack.dims[0]
-        # Keep coordinates along frames (frame numbers, time); the first dimension is always called "frame".
-        coords = {("frame" if name == first else name): ("frame", np.asarray(coord))
-                  for name, coord in stack.coords.items() if coord.dims == (first,)}
+        # Keep coordinates along frames (a time, say) under their names; the first dimension is always "frame".
+        coords = {name: ("frame", np.asarray(coord)) for name, coord in stack.coords.items()
+                  if coord.dims == (first,)}
     if not isinstance(data, da.Array):
         data = np.asarray(data)
     store.validate_stack_shape(data.shape, data.dtype, "stack")
@@ -271,7 +280,7 @@ def estimate_drift(
     cfg = _resolve_config(config, reference=reference, upsample_factor=upsample_factor, max_shift=max_shift,
                           method=method, min_overlap=min_overlap, min_ncc=min_ncc, detect_defects=detect_defects,
                           tame_outliers=tame_outliers, bandpass=bandpass, block_frames=block_frames, array=array)
-    frames = as_stack(stack, array=cfg.array, block_frames=cfg.block_frames)
+    frames = with_time(as_stack(stack, array=cfg.array, block_frames=cfg.block_frames), cfg)
     with _single_threaded_blas():
         setup = _set_up(frames, _mask_array(mask, tuple(frames.shape[1:])), cfg)
         plan = setup.plan(cfg)
@@ -504,7 +513,7 @@ def correct(
                           method=method, detect_defects=detect_defects, tame_outliers=tame_outliers,
                           bandpass=bandpass, interpolation_order=interpolation_order, block_frames=block_frames,
                           array=array)
-    frames = as_stack(input, array=cfg.array, block_frames=cfg.block_frames)
+    frames = with_time(as_stack(input, array=cfg.array, block_frames=cfg.block_frames), cfg)
     location = store.prepare_output(output, input_location=frames.attrs.get("source"), overwrite=overwrite,
                                     resumable=True)
     user_mask = _mask_array(mask, tuple(frames.shape[1:]))

@@ -45,6 +45,8 @@ REGISTERED, CORRECTED = f"{PROGRESS}/registered", f"{PROGRESS}/corrected"
 #: Per block: 1 where the input's frames could not be read (they are marked invalid).
 UNREADABLE = f"{PROGRESS}/unreadable"
 LOCK_NAME = ".driftcorr.lock"
+#: Encoding of time coordinates in outputs: int64 microseconds.
+TIME_UNITS = "microseconds since 1970-01-01"
 #: A lock of another host (or of unknown owner) not refreshed for this long is taken to be left by a killed run.
 LOCK_STALE_SECONDS = 600.0
 _HEARTBEAT_SECONDS = 30.0
@@ -120,8 +122,25 @@ def open_stack(path_or_url, *, array: str | None = None, block_frames: int | Non
     blocks = block_frames_for(arr.shape[1:], block_frames)
     data = da.from_zarr(arr, chunks=(blocks, *arr.shape[1:]))
     dims = ("frame", *SPATIAL_DIMS[arr.ndim - 1])
-    return xr.DataArray(data, dims=dims, coords={"frame": np.arange(arr.shape[0])}, name="frames",
+    coords = {"frame": np.arange(arr.shape[0]), **_frame_coordinates(location, arr)}
+    return xr.DataArray(data, dims=dims, coords=coords, name="frames",
                         attrs={"source": location, "array_path": arr.path})
+
+
+def _frame_coordinates(location: str, arr) -> dict:
+    """Coordinates along the frames of an array written by xarray (a ``time``, say), decoded; {} for others."""
+    names = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS") or (None,)
+    first = names[0]
+    if first is None or first == "frame" or not arr.path or "/" in arr.path:
+        return {}
+    try:
+        with _lock_file_ignored():
+            coordinate = xr.open_zarr(location, consolidated=False)[first]
+    except Exception:  # not an xarray-style group: no coordinates to carry
+        return {}
+    if coordinate.dims != (first,) or coordinate.shape[0] != arr.shape[0]:
+        return {}
+    return {first: ("frame", coordinate.values)}
 
 
 @dataclass(frozen=True)
@@ -330,6 +349,9 @@ def output_encoding(dataset: xr.Dataset, block_frames: int) -> dict:
         encoding[name] = checksummed(stack=stack)
         if stack:
             encoding[name]["chunks"] = (block_frames, *variable.shape[1:])
+        if np.issubdtype(variable.dtype, np.datetime64):
+            # Explicit and fixed, so that appended times are written in the same units (DESIGN §5).
+            encoding[name].update(units=TIME_UNITS, dtype="int64")
     return encoding
 
 
@@ -478,7 +500,10 @@ def grow_output(output, n_frames: int, block_frames: int, frame_coords: dict) ->
         progress[name].resize((-(-n_frames // block_frames),))
     for name, values in frame_coords.items():
         if name in group:
-            group[name][old:] = np.asarray(values)[old:]
+            values = np.asarray(values)[old:]
+            if np.issubdtype(values.dtype, np.datetime64):
+                values = values.astype("datetime64[us]").astype(np.int64)  # TIME_UNITS
+            group[name][old:] = values
 
 
 def write_block(output, start: int, arrays: dict, marker: str, block: int, *, unreadable: bool = False) -> None:
