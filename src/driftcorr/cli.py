@@ -81,6 +81,8 @@ def _correction_options(command):
         click.option("--frame-interval", type=float, default=None, help="Seconds between frames (with --start-time)."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                      help="TOML or JSON file of options (command-line options win)."),
+        click.option("--progress/--no-progress", default=True,
+                     help="Show progress on stderr: a bar on a terminal, a line every 30 s otherwise (default on)."),
         click.option("--overwrite", is_flag=True,
                      help="Start over on an existing driftcorr output (without it, an interrupted output is resumed "
                           "and one whose input has grown is extended)."),
@@ -99,8 +101,10 @@ def _build_config(config_file, **cli_options):
 def _run_correction(input, output, mask, config_file, overwrite, estimate_only, **options):
     from .pipeline import correct
 
+    progress = options.pop("progress")
     cfg = _build_config(config_file, **options)
-    result = correct(input, output, mask=mask, overwrite=overwrite, estimate_only=estimate_only, config=cfg)
+    result = correct(input, output, mask=mask, overwrite=overwrite, estimate_only=estimate_only, config=cfg,
+                     progress=progress)
     unreadable = result.attrs.get("unreadable_frames") or []
     if unreadable:
         frames = ", ".join(f"{first}-{last}" for first, last in unreadable)

@@ -11,7 +11,9 @@ import hashlib
 import logging
 import os
 import string
+import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -20,6 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.callbacks import Callback
 from threadpoolctl import ThreadpoolController
 
 from . import store
@@ -470,6 +473,7 @@ def correct(
     overwrite: bool = False,
     estimate_only: bool = False,
     config: CorrectionConfig | None = None,
+    progress: bool | str = False,
 ) -> xr.Dataset:
     """Estimate the drift of a stored stack and write shifts, quality and the corrected stack to ``output``.
 
@@ -494,6 +498,9 @@ def correct(
         Write the drift and quality only, not the corrected stack.
     config : CorrectionConfig, optional
         A validated configuration; replaces the keyword options.
+    progress : bool or {"bar", "log", "off"}
+        Show progress on standard error: True for a bar on a terminal or in a notebook and a line every
+        :data:`PROGRESS_LOG_SECONDS` otherwise; the local and the distributed scheduler alike.
 
     Returns
     -------
@@ -519,6 +526,7 @@ def correct(
     user_mask = _mask_array(mask, tuple(frames.shape[1:]))
     identity = _run_identity(frames, user_mask, cfg, estimate_only)
     block = int(frames.data.chunksize[0])
+    mode = _progress_mode(progress)
     with store.output_lock(location), _single_threaded_blas():
         store.clean_partial_files(location)
         state = store.read_output(location)
@@ -539,12 +547,13 @@ def correct(
                           if coord.dims == ("frame",)}
                 store.grow_output(location, frames.shape[0], block, coords)
         plan = setup.plan(cfg)
-        _run_blocks(_registration_tasks(frames, plan, cfg, location, block))
+        _run_blocks(_registration_tasks(frames, plan, cfg, location, block), label="registering", progress=mode)
         drift = _drift_from_registration(frames, store.read_array(location, store.REGISTRATION), setup, plan, cfg)
         for name in _PER_FRAME:
             store.write_changed_rows(location, name, drift[name].values)
         if not estimate_only:
-            _run_blocks(_correction_tasks(frames, drift["shift"].values, cfg, location, block))
+            _run_blocks(_correction_tasks(frames, drift["shift"].values, cfg, location, block), label="correcting",
+                        progress=mode)
         unreadable = _unreadable_frames(location, frames.shape[0], block)
         if unreadable:
             _log.warning("input frames %s could not be read; they are marked invalid",
@@ -700,21 +709,106 @@ def _shift_and_store(source, frame_shape: tuple[int, ...], shifts: np.ndarray, o
     return None
 
 
-def _run_blocks(tasks: list) -> None:
+#: Seconds between progress lines when not writing to a terminal (cron, a log file).
+PROGRESS_LOG_SECONDS = 30.0
+
+
+class _Progress:
+    """Frames done out of a total: a bar on a terminal (a widget in a notebook), or a line every
+    :data:`PROGRESS_LOG_SECONDS` on standard error otherwise (a run shorter than that prints none); nothing with
+    ``mode`` ``"off"``."""
+
+    def __init__(self, label: str, total: int, mode: str):
+        self.label, self.total, self.mode = label, total, mode
+        self.done, self.start = 0, time.monotonic()
+        self.last_line = self.start
+        self.bar = None
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="frame", file=sys.stderr)
+
+    def advance(self, frames: int) -> None:
+        self.done += frames
+        if self.bar is not None:
+            self.bar.update(frames)
+        elif self.mode == "log" and time.monotonic() - self.last_line >= PROGRESS_LOG_SECONDS:
+            self._line()
+
+    def _line(self) -> None:
+        self.last_line = time.monotonic()
+        rate = self.done / max(self.last_line - self.start, 1e-9)
+        print(f"driftcorr: {self.label} {self.done}/{self.total} frames ({100 * self.done / self.total:.0f} %), "
+              f"{rate:.1f} frames/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """End the bar; in log mode a last line, if the run was long enough to print any."""
+        if self.bar is not None:
+            self.bar.close()
+        elif self.mode == "log" and self.last_line > self.start:
+            self._line()
+
+
+def _progress_mode(progress) -> str:
+    """``"bar"``, ``"log"`` or ``"off"`` from the ``progress`` option (True: a bar on a terminal or in a notebook,
+    log lines otherwise)."""
+    if progress in ("bar", "log", "off"):
+        return progress
+    if not progress:
+        return "off"
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    return "bar" if interactive else "log"
+
+
+def _distributed_client():
+    """The Dask distributed client that ``dask.compute`` would use, or None (the local scheduler)."""
+    if dask.config.get("scheduler", None) != "dask.distributed":
+        return None
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _run_blocks(tasks: list, *, label: str = "blocks", progress: str = "off") -> None:
     """Compute the block tasks; when any fails, stop with the output left incomplete (a rerun resumes it)."""
     if not tasks:
         return
     resume = "the output is left incomplete; run the same command again to resume it"
+    meter = _Progress(label, sum(stop - start for start, stop, _ in tasks), progress)
     try:
-        results = dask.compute(*[task for _, _, task in tasks])
+        results = _compute_with_progress(tasks, meter)
     except Exception as error:  # a worker lost for good, an unreadable in-memory input, ...
         raise RunFailedError(f"the run stopped ({type(error).__name__}: {error}); {resume}") from error
+    finally:
+        meter.close()
     failed = [(start, stop, result[1]) for (start, stop, _), result in zip(tasks, results, strict=True)
               if result is not None and result[0] == "failed"]
     if failed:
         start, stop, message = failed[0]
         raise RunFailedError(f"{len(failed)} of {len(tasks)} blocks failed, the first one (frames {start}-{stop - 1}) "
                              f"with {message}; {resume}")
+
+
+def _compute_with_progress(tasks: list, meter: _Progress) -> list:
+    """Results of the block tasks, in order, advancing ``meter`` as each block finishes."""
+    frames_of = {task.key: stop - start for start, stop, task in tasks}
+    client = _distributed_client()
+    if client is not None:
+        from distributed import as_completed
+
+        futures = client.compute([task for _, _, task in tasks])
+        for future in as_completed(futures):
+            meter.advance(frames_of.get(future.key, 0))
+        return client.gather(futures)
+
+    def finished(key, result, dsk, state, worker_id):
+        meter.advance(frames_of.get(key, 0))
+
+    with Callback(posttask=finished):
+        return list(dask.compute(*[task for _, _, task in tasks]))
 
 
 def _unreadable_frames(location: str, n_frames: int, block: int) -> list[list[int]]:
