@@ -253,6 +253,8 @@ def estimate_drift(
     bandpass: tuple[float, float | None] | None = None,
     block_frames: int | None = None,
     array: str | None = None,
+    start_time=None,
+    frame_interval: float | None = None,
     config: CorrectionConfig | None = None,
 ) -> xr.Dataset:
     """Estimate the drift of every frame of a stack against a reference.
@@ -268,8 +270,9 @@ def estimate_drift(
         ``median:A:B``
         (see :mod:`driftcorr.reference`).
     upsample_factor, max_shift, method, min_overlap, min_ncc, detect_defects, tame_outliers, bandpass,
-    block_frames, array
-        See :class:`driftcorr.config.CorrectionConfig`; None keeps the default.
+    block_frames, array, start_time, frame_interval
+        See :class:`driftcorr.config.CorrectionConfig`; None keeps the default. ``start_time`` (ISO 8601 or a
+        datetime) and ``frame_interval`` (s) give the output a ``time`` coordinate.
     config : CorrectionConfig, optional
         A validated configuration; replaces all the keyword options above.
 
@@ -282,7 +285,8 @@ def estimate_drift(
     """
     cfg = _resolve_config(config, reference=reference, upsample_factor=upsample_factor, max_shift=max_shift,
                           method=method, min_overlap=min_overlap, min_ncc=min_ncc, detect_defects=detect_defects,
-                          tame_outliers=tame_outliers, bandpass=bandpass, block_frames=block_frames, array=array)
+                          tame_outliers=tame_outliers, bandpass=bandpass, block_frames=block_frames, array=array,
+                          start_time=start_time, frame_interval=frame_interval)
     frames = with_time(as_stack(stack, array=cfg.array, block_frames=cfg.block_frames), cfg)
     with _single_threaded_blas():
         setup = _set_up(frames, _mask_array(mask, tuple(frames.shape[1:])), cfg)
@@ -470,6 +474,8 @@ def correct(
     interpolation_order: int | None = None,
     block_frames: int | None = None,
     array: str | None = None,
+    start_time=None,
+    frame_interval: float | None = None,
     overwrite: bool = False,
     estimate_only: bool = False,
     config: CorrectionConfig | None = None,
@@ -488,7 +494,8 @@ def correct(
         The raw stack (see :func:`estimate_drift`).
     output : str or path-like
         Location of the output Zarr v3 group.
-    mask, reference, upsample_factor, max_shift, method, detect_defects, tame_outliers, bandpass, block_frames, array
+    mask, reference, upsample_factor, max_shift, method, detect_defects, tame_outliers, bandpass, block_frames, array,
+    start_time, frame_interval
         As in :func:`estimate_drift`.
     interpolation_order : int, optional
         Spline order used to shift frames.
@@ -519,7 +526,7 @@ def correct(
     cfg = _resolve_config(config, reference=reference, upsample_factor=upsample_factor, max_shift=max_shift,
                           method=method, detect_defects=detect_defects, tame_outliers=tame_outliers,
                           bandpass=bandpass, interpolation_order=interpolation_order, block_frames=block_frames,
-                          array=array)
+                          array=array, start_time=start_time, frame_interval=frame_interval)
     frames = with_time(as_stack(input, array=cfg.array, block_frames=cfg.block_frames), cfg)
     location = store.prepare_output(output, input_location=frames.attrs.get("source"), overwrite=overwrite,
                                     resumable=True)
