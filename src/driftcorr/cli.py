@@ -5,15 +5,18 @@ Exit codes: 0 success; 2 bad input or usage (one line on stderr, no traceback); 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
 from . import __version__
-from .config import load_config_file, make_config
-from .errors import DriftcorrError, RunFailedError
+from .config import ClusterConfig, load_config_file, load_run_settings, make_config
+from .errors import ConfigError, DriftcorrError, RunFailedError
+from .store import set_storage_options
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -81,6 +84,9 @@ def _correction_options(command):
         click.option("--frame-interval", type=float, default=None, help="Seconds between frames (with --start-time)."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                      help="TOML or JSON file of options (command-line options win)."),
+        click.option("--scheduler", type=str, default=None, metavar="ADDRESS_OR_FILE",
+                     help="Run on a Dask cluster: tcp://HOST:PORT of its scheduler, or its scheduler file "
+                          "(default: local threads; see also [cluster] in --config)."),
         click.option("--progress/--no-progress", default=True,
                      help="Show progress on stderr: a bar on a terminal, a line every 30 s otherwise (default on)."),
         click.option("--overwrite", is_flag=True,
@@ -90,6 +96,33 @@ def _correction_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+@contextlib.contextmanager
+def _dask_cluster(cluster: ClusterConfig):
+    """A distributed client for the run: to a running scheduler, to a local cluster, or none (local threads)."""
+    if cluster.scheduler is None and cluster.local_workers is None:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if cluster.scheduler is not None:
+        target = cluster.scheduler
+        by_file = "://" not in target and Path(target).is_file()
+        if not by_file and "://" not in target:
+            raise ConfigError(f"scheduler {target!r} is neither an address (tcp://HOST:PORT) nor an existing "
+                              "scheduler file")
+        try:
+            client = Client(scheduler_file=target, timeout="20s") if by_file else Client(target, timeout="20s")
+        except OSError as error:
+            raise ConfigError(f"cannot reach the Dask scheduler {target!r} ({error}); start it or fix the "
+                              "address") from None
+        with client:
+            yield client
+        return
+    with LocalCluster(n_workers=cluster.local_workers, threads_per_worker=cluster.threads_per_worker,
+                      processes=True, dashboard_address=None) as local, Client(local) as client:
+        yield client
 
 
 def _build_config(config_file, **cli_options):
@@ -102,9 +135,12 @@ def _run_correction(input, output, mask, config_file, overwrite, estimate_only, 
     from .pipeline import correct
 
     progress = options.pop("progress")
+    cluster, storage_options = load_run_settings(config_file, scheduler=options.pop("scheduler"))
     cfg = _build_config(config_file, **options)
-    result = correct(input, output, mask=mask, overwrite=overwrite, estimate_only=estimate_only, config=cfg,
-                     progress=progress)
+    set_storage_options(storage_options)
+    with _dask_cluster(cluster):
+        result = correct(input, output, mask=mask, overwrite=overwrite, estimate_only=estimate_only, config=cfg,
+                         progress=progress)
     unreadable = result.attrs.get("unreadable_frames") or []
     if unreadable:
         frames = ", ".join(f"{first}-{last}" for first, last in unreadable)

@@ -68,11 +68,11 @@ class CorrectionConfig(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _explain(error: ValidationError) -> str:
+def _explain(error: ValidationError, model: type[BaseModel] | None = None) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
-        known = ", ".join(CorrectionConfig.model_fields)
+        known = ", ".join((model or CorrectionConfig).model_fields)
         return f"unknown configuration key {key!r}; known keys: {known}"
     message = first["msg"].removeprefix("Value error, ")
     if not first["loc"]:  # a rule between keys: the message names them
@@ -95,11 +95,8 @@ def make_config(**options) -> CorrectionConfig:
         raise ConfigError(_explain(error)) from None
 
 
-def load_config_file(path) -> dict:
-    """Read a TOML or JSON configuration file into a dict of options.
-
-    Options may sit at the top level or in a ``[correction]`` table.
-    """
+def _read_config_file(path) -> dict:
+    """The whole TOML or JSON configuration file as a dict."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"configuration file {str(path)!r} does not exist")
@@ -110,4 +107,49 @@ def load_config_file(path) -> dict:
         raise ConfigError(f"cannot read configuration file {str(path)!r}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"configuration file {str(path)!r} must hold a table of options")
-    return dict(data.get("correction", data))
+    return data
+
+
+def load_config_file(path) -> dict:
+    """Read a TOML or JSON configuration file into a dict of options.
+
+    Options may sit at the top level or in a ``[correction]`` table.
+    """
+    data = _read_config_file(path)
+    if "correction" in data:
+        return dict(data["correction"])
+    return {key: value for key, value in data.items() if key not in RUN_SECTIONS}
+
+
+#: Tables of a configuration file that say how to run, not what to compute (not part of the output's identity).
+RUN_SECTIONS = ("cluster", "storage_options")
+
+
+class ClusterConfig(BaseModel):
+    """Where the work runs: the local threaded scheduler (default), a local cluster of worker processes, or a
+    running Dask scheduler (its address or scheduler file)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheduler: str | None = Field(None, description="tcp://HOST:PORT of a running scheduler, or its scheduler file")
+    local_workers: int | None = Field(None, ge=1, description="start a local cluster of this many worker processes")
+    threads_per_worker: int = Field(1, ge=1, description="threads of each local worker process")
+
+
+def load_run_settings(path, *, scheduler: str | None = None) -> tuple[ClusterConfig, dict]:
+    """The ``[cluster]`` and ``[storage_options]`` tables of a configuration file (``path`` may be None).
+
+    ``scheduler`` (from the command line) overrides the file's.
+    """
+    data = _read_config_file(path) if path is not None else {}
+    cluster = dict(data.get("cluster", {}))
+    if scheduler is not None:
+        cluster["scheduler"] = scheduler
+    try:
+        settings = ClusterConfig(**cluster)
+    except ValidationError as error:
+        raise ConfigError(_explain(error, ClusterConfig).replace("configuration key", "[cluster] key")) from None
+    storage = data.get("storage_options", {})
+    if not isinstance(storage, dict):
+        raise ConfigError("[storage_options] must be a table of fsspec options, e.g. {s3 = {anon = false}}")
+    return settings, storage

@@ -528,8 +528,8 @@ def correct(
                           bandpass=bandpass, interpolation_order=interpolation_order, block_frames=block_frames,
                           array=array, start_time=start_time, frame_interval=frame_interval)
     frames = with_time(as_stack(input, array=cfg.array, block_frames=cfg.block_frames), cfg)
-    location = store.prepare_output(output, input_location=frames.attrs.get("source"), overwrite=overwrite,
-                                    resumable=True)
+    location = store.absolute(store.prepare_output(output, input_location=frames.attrs.get("source"),
+                                                   overwrite=overwrite, resumable=True))
     user_mask = _mask_array(mask, tuple(frames.shape[1:]))
     identity = _run_identity(frames, user_mask, cfg, estimate_only)
     block = int(frames.data.chunksize[0])

@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from .errors import InputError, OutputError, OutputExistsError, OutputLockedError
+from .errors import ConfigError, InputError, OutputError, OutputExistsError, OutputLockedError
 
 STATUS_COMPLETE = "complete"
 STATUS_INCOMPLETE = "incomplete"
@@ -161,8 +161,25 @@ class FrameReader:
 def frame_reader(frames: xr.DataArray) -> FrameReader | None:
     """A :class:`FrameReader` for a stack opened by :func:`open_stack` (None for other stacks)."""
     if "source" in frames.attrs and "array_path" in frames.attrs:
-        return FrameReader(frames.attrs["source"], frames.attrs["array_path"])
+        return FrameReader(absolute(frames.attrs["source"]), frames.attrs["array_path"])
     return None
+
+
+def set_storage_options(storage_options: dict) -> None:
+    """Default fsspec options per protocol (``{"s3": {"endpoint_url": ...}}``) for every URL this process opens."""
+    if not storage_options:
+        return
+    import fsspec.config
+
+    for protocol, values in storage_options.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"[storage_options.{protocol}] must be a table of options for that protocol")
+        fsspec.config.conf.setdefault(protocol, {}).update(values)
+
+
+def absolute(location: str) -> str:
+    """A local path made absolute (workers of a cluster need not share our working folder); URLs unchanged."""
+    return location if _is_remote(location) else os.path.abspath(location)
 
 
 def validate_stack_shape(shape: tuple[int, ...], dtype, where: str = "input") -> None:
