@@ -196,3 +196,25 @@ def test_s3_endpoint_from_storage_options_in_the_config(local_run, s3_server, mo
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(xr.open_zarr("s3://options/out.zarr")["shift"].values,
                                   xr.open_zarr(local_run["local"])["shift"].values)
+
+
+def test_the_plan_is_sent_once_not_per_task(local_run, tmp_path, monkeypatch):
+    """The reference plan (megabytes) leaves the client once for the whole registration, whatever the blocks."""
+    distributed = pytest.importorskip("distributed")
+    from driftcorr import correct
+    from driftcorr.registration import ReferencePlan
+
+    pickled = []
+    original = ReferencePlan.__reduce_ex__
+
+    def counting(self, protocol):
+        pickled.append(protocol)
+        return original(self, protocol)
+
+    monkeypatch.setattr(ReferencePlan, "__reduce_ex__", counting)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=50) as cluster, distributed.Client(cluster):
+        correct(local_run["raw"], tmp_path / "out.zarr", mask=np.load(local_run["mask"]), block_frames=BLOCK,
+                estimate_only=True)
+    # 24 blocks; the plan is pickled once to hash it into its graph key and once to send it, not once per block.
+    assert N_FRAMES // BLOCK == 24 and len(pickled) <= 2, len(pickled)
