@@ -25,7 +25,7 @@ import zarr
 import driftcorr.pipeline as pipeline
 from driftcorr import correct
 from driftcorr.errors import OutputLockedError, OutputMismatchError, RunFailedError
-from driftcorr.store import LOCK_NAME, read_lock, read_output, write_stack
+from driftcorr.store import LOCK_NAME, REGISTRATION, FrameReader, read_array, read_lock, read_output, write_stack
 from driftcorr.synthetic import make_run
 
 from .helpers import rms_error
@@ -307,3 +307,43 @@ def test_killed_worker_is_recomputed(run_files, tmp_path):
         killer.join()
     assert killed and killed[0] < N_BLOCKS, "the worker was killed after the registration had finished"
     _assert_same_values(out, run_files["clean"])
+
+
+def test_first_run_shorter_than_a_block_then_growth(run_files, tmp_path):
+    """A first run of 3 frames must not fix a 3-frame chunk on which later blocks of 4 would overwrite each other."""
+    frames = run_files["run"].stack()[:64]
+    raw = write_stack(frames[:3], tmp_path / "raw.zarr", block_frames=BLOCK)
+    out = tmp_path / "out.zarr"
+    with dask.config.set(scheduler="threads"):
+        correct(raw, out, block_frames=BLOCK)
+        assert zarr.open_array(out / "corrected", mode="r").chunks[0] == BLOCK
+        array = zarr.open_array(raw, mode="r+")
+        array.resize(frames.shape)
+        array[3:] = frames[3:]
+        correct(raw, out, block_frames=BLOCK)
+    ds = xr.open_zarr(out).load()
+    assert ds.attrs["status"] == "complete" and ds.sizes["frame"] == 64
+    assert np.isfinite(read_array(out, REGISTRATION)).all()
+    np.testing.assert_array_equal(ds["corrected"].values, pipeline.shift_frames(frames, ds["shift"].values))
+    assert zarr.open_array(out / "shift", mode="r").chunks[0] == 4096  # per-frame tables: few chunks
+
+
+def test_unreadable_block_is_retried_by_the_next_run(run_files, tmp_path, monkeypatch):
+    raw = write_stack(run_files["run"].stack()[:24], tmp_path / "raw.zarr", block_frames=BLOCK)
+    out = tmp_path / "out.zarr"
+    reader = FrameReader.__call__
+
+    def flaky(self, start, stop):
+        if start == 8:
+            raise OSError("connection reset")
+        return reader(self, start, stop)
+
+    monkeypatch.setattr(FrameReader, "__call__", flaky)
+    with dask.config.set(scheduler="synchronous"):
+        first = correct(raw, out, block_frames=BLOCK, estimate_only=True)
+    assert [list(p) for p in first.attrs["unreadable_frames"]] == [[8, 11]]
+    assert not first["valid"].values[8:12].any()
+    monkeypatch.setattr(FrameReader, "__call__", reader)  # the storage recovered
+    with dask.config.set(scheduler="synchronous"):
+        second = correct(raw, out, block_frames=BLOCK, estimate_only=True)
+    assert second.attrs["unreadable_frames"] == [] and second["valid"].values[8:12].all()

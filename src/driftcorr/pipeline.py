@@ -41,8 +41,6 @@ _PER_FRAME = ("shift", "raw_shift", "sigma", "valid", *_QUALITY)
 _CORRECTED_ATTRS = {"long_name": "drift-corrected frames", "units": "counts"}
 #: Frames read to find defects and build the iterative reference.
 SAMPLE_FRAMES = 32
-#: Frames per chunk of the per-frame tables (shift, sigma, ...) of an output.
-_TABLE_CHUNK = 4096
 _FIRST_FRAMES = 4
 _THREADPOOLS: ThreadpoolController | None = None
 _BLAS_GUARD = threading.Lock()
@@ -532,7 +530,8 @@ def correct(
                                                    overwrite=overwrite, resumable=True))
     user_mask = _mask_array(mask, tuple(frames.shape[1:]))
     identity = _run_identity(frames, user_mask, cfg, estimate_only)
-    block = int(frames.data.chunksize[0])
+    # The configured block, not the first chunk: a first run shorter than a block must not fix a smaller one.
+    block = store.block_frames_for(tuple(frames.shape[1:]), cfg.block_frames)
     mode = _progress_mode(progress)
     with store.output_lock(location), _single_threaded_blas():
         store.clean_partial_files(location)
@@ -545,7 +544,8 @@ def correct(
             store.set_attributes(location, {}, status=store.STATUS_INCOMPLETE)  # consolidated: readable, unfinished
         else:
             _check_same_run(location, state, identity, frames.shape[0])
-            if state.status == store.STATUS_COMPLETE and state.n_frames == frames.shape[0]:
+            if (state.status == store.STATUS_COMPLETE and state.n_frames == frames.shape[0]
+                    and not state.attrs.get("unreadable_frames")):
                 return store.open_output_dataset(location)  # up to date: nothing is touched
             store.set_attributes(location, {}, status=store.STATUS_INCOMPLETE)
             setup = _setup_from_output(location)
@@ -610,7 +610,7 @@ def _create_output(location: str, frames: xr.DataArray, setup: _Setup, cfg: Corr
                    block: int, estimate_only: bool) -> None:
     """Write the output's metadata and static variables; per-frame values come later, block by block."""
     n_frames, ndim = frames.shape[0], frames.ndim - 1
-    table = min(n_frames, _TABLE_CHUNK)
+    table = store.TABLE_CHUNK  # fixed, whatever the first run's length: appends must not multiply the chunks
 
     def empty(*shape):
         return da.full((n_frames, *shape), np.nan, chunks=(table, *shape))
@@ -661,11 +661,12 @@ def _read_block(source) -> np.ndarray:
 def _registration_tasks(frames: xr.DataArray, plan, cfg: CorrectionConfig, location: str, block: int) -> list:
     """One task per block not yet registered: register it, write its rows, then its done marker."""
     done = store.read_array(location, store.REGISTERED)
+    unreadable = store.read_array(location, store.UNREADABLE)  # retried: the storage may have recovered
     plan_key = dask.delayed(plan, pure=True)
     columns = 2 * (frames.ndim - 1) + 3
     return [(start, stop, dask.delayed(_register_and_store, pure=False)(
                 _block_source(frames, start, stop), columns, plan_key, cfg.upsample_factor, location, start, k))
-            for k, start, stop in _blocks(frames.shape[0], block) if done[k] != stop - start]
+            for k, start, stop in _blocks(frames.shape[0], block) if done[k] != stop - start or unreadable[k]]
 
 
 def _correction_tasks(frames: xr.DataArray, shifts: np.ndarray, cfg: CorrectionConfig, location: str,
@@ -673,11 +674,13 @@ def _correction_tasks(frames: xr.DataArray, shifts: np.ndarray, cfg: CorrectionC
     """One task per block not yet corrected with its current shifts: shift it, write it, then its marker."""
     done = store.read_array(location, store.CORRECTED)
     applied = store.read_array(location, store.APPLIED_SHIFT)
+    unreadable = store.read_array(location, store.UNREADABLE)
     return [(start, stop, dask.delayed(_shift_and_store, pure=False)(
                 _block_source(frames, start, stop), tuple(frames.shape[1:]), shifts[start:stop],
                 cfg.interpolation_order, location, start, k))
             for k, start, stop in _blocks(frames.shape[0], block)
-            if done[k] != stop - start or not np.array_equal(applied[start:stop], shifts[start:stop], equal_nan=True)]
+            if done[k] != stop - start or unreadable[k]
+            or not np.array_equal(applied[start:stop], shifts[start:stop], equal_nan=True)]
 
 
 def _register_and_store(source, columns: int, plan, upsample_factor: float, location: str, start: int,

@@ -44,7 +44,10 @@ REGISTRATION, APPLIED_SHIFT = f"{PROGRESS}/registration", f"{PROGRESS}/applied_s
 REGISTERED, CORRECTED = f"{PROGRESS}/registered", f"{PROGRESS}/corrected"
 #: Per block: 1 where the input's frames could not be read (they are marked invalid).
 UNREADABLE = f"{PROGRESS}/unreadable"
+_PROGRESS_ARRAYS = ("registration", "applied_shift", "registered", "corrected", "unreadable")
 LOCK_NAME = ".driftcorr.lock"
+#: Frames per chunk of the per-frame tables (shift, sigma, ...) and coordinates of an output.
+TABLE_CHUNK = 4096
 #: Encoding of time coordinates in outputs: int64 microseconds.
 TIME_UNITS = "microseconds since 1970-01-01"
 #: A lock of another host (or of unknown owner) not refreshed for this long is taken to be left by a killed run.
@@ -366,6 +369,8 @@ def output_encoding(dataset: xr.Dataset, block_frames: int) -> dict:
         encoding[name] = checksummed(stack=stack)
         if stack:
             encoding[name]["chunks"] = (block_frames, *variable.shape[1:])
+        elif variable.dims[:1] == ("frame",):  # per-frame tables and coordinates: fixed chunks, appends add few
+            encoding[name]["chunks"] = (TABLE_CHUNK, *variable.shape[1:])
         if np.issubdtype(variable.dtype, np.datetime64):
             # Explicit and fixed, so that appended times are written in the same units (DESIGN §5).
             encoding[name].update(units=TIME_UNITS, dtype="int64")
@@ -428,7 +433,11 @@ def read_output(output) -> OutputState | None:
     with _lock_file_ignored():
         members = dict(group.members())
     n_frames = int(members["frame"].shape[0]) if "frame" in members else 0
-    ready = PROGRESS in members and isinstance(members[PROGRESS], zarr.Group)
+    ready = False
+    if PROGRESS in members and isinstance(members[PROGRESS], zarr.Group):
+        with _lock_file_ignored():
+            present = {name for name, _ in members[PROGRESS].arrays()}
+        ready = set(_PROGRESS_ARRAYS) <= present  # all of them: set-up may have been killed between two
     return OutputState(attrs=attrs, n_frames=n_frames, ready=ready)
 
 
@@ -454,7 +463,9 @@ def clear_output(output) -> None:
     if _is_remote(location):
         zarr.open_group(location, mode="w")
         return
-    for entry in Path(location).iterdir():
+    # The root zarr.json last: killed half-way, the folder is still recognised as a driftcorr output.
+    entries = sorted(Path(location).iterdir(), key=lambda entry: entry.name == "zarr.json")
+    for entry in entries:
         if entry.name == LOCK_NAME:
             continue
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -545,8 +556,7 @@ def write_block(output, start: int, arrays: dict, marker: str, block: int, *, un
         values = np.asarray(values)
         group[name][start:start + values.shape[0]] = values
         count = values.shape[0]
-    if unreadable:
-        group[UNREADABLE][block] = 1
+    group[UNREADABLE][block] = int(unreadable)  # a block read after all is no longer reported
     group[marker][block] = count
 
 
