@@ -24,8 +24,17 @@ import zarr
 
 import driftcorr.pipeline as pipeline
 from driftcorr import correct
-from driftcorr.errors import OutputLockedError, OutputMismatchError, RunFailedError
-from driftcorr.store import LOCK_NAME, REGISTRATION, FrameReader, read_array, read_lock, read_output, write_stack
+from driftcorr.errors import OutputError, OutputLockedError, OutputMismatchError, RunFailedError
+from driftcorr.store import (
+    LOCK_NAME,
+    MARKER_ATTR,
+    REGISTRATION,
+    FrameReader,
+    read_array,
+    read_lock,
+    read_output,
+    write_stack,
+)
 from driftcorr.synthetic import make_run
 
 from .helpers import rms_error
@@ -347,3 +356,56 @@ def test_unreadable_block_is_retried_by_the_next_run(run_files, tmp_path, monkey
     with dask.config.set(scheduler="synchronous"):
         second = correct(raw, out, block_frames=BLOCK, estimate_only=True)
     assert second.attrs["unreadable_frames"] == [] and second["valid"].values[8:12].all()
+
+
+def test_object_store_output_never_writes_into_the_input_or_a_foreign_group(run_files):
+    group = zarr.open_group("memory://safety/raw.zarr", mode="w")
+    frames = run_files["run"].stack()[:8]
+    group.create_array("frames", shape=frames.shape, dtype=frames.dtype, chunks=(4, *frames.shape[1:]))[...] = frames
+    for output in ("memory://safety/raw.zarr", "memory://safety/raw.zarr/out", "memory://safety"):
+        for overwrite in (False, True):
+            with pytest.raises(OutputError, match="overlaps the input"):
+                correct("memory://safety/raw.zarr", output, array="frames", overwrite=overwrite, estimate_only=True)
+    foreign = zarr.open_group("memory://safety/other.zarr", mode="w")
+    foreign.create_array("mask", shape=(4,), dtype="u1")
+    with pytest.raises(OutputError, match="not a driftcorr output"):
+        correct("memory://safety/raw.zarr", "memory://safety/other.zarr", array="frames", overwrite=True,
+                estimate_only=True)
+    np.testing.assert_array_equal(zarr.open_group("memory://safety/raw.zarr", mode="r")["frames"][...], frames)
+    assert "mask" in zarr.open_group("memory://safety/other.zarr", mode="r")
+    assert MARKER_ATTR not in zarr.open_group("memory://safety/raw.zarr", mode="r").attrs
+
+
+def test_same_name_in_another_folder_is_another_input(run_files, tmp_path, monkeypatch):
+    stack = run_files["run"].stack()
+    for day, frames in (("day1", stack[:24]), ("day2", stack[8:48])):
+        (tmp_path / day).mkdir()
+        write_stack(frames, tmp_path / day / "raw.zarr", block_frames=BLOCK)
+    out = tmp_path / "out.zarr"
+    monkeypatch.chdir(tmp_path / "day1")
+    correct("raw.zarr", out, block_frames=BLOCK, estimate_only=True)
+    monkeypatch.chdir(tmp_path / "day2")
+    with pytest.raises(OutputMismatchError, match="input"):
+        correct("raw.zarr", out, block_frames=BLOCK, estimate_only=True)
+    # Rewritten in place with other frames: refused too (its first frame differs).
+    write_stack(stack[1:25], tmp_path / "day1" / "raw.zarr", block_frames=BLOCK, overwrite=True)
+    with pytest.raises(OutputMismatchError, match="first frame"):
+        correct(tmp_path / "day1" / "raw.zarr", out, block_frames=BLOCK, estimate_only=True)
+
+
+def test_growth_cut_short_is_completed_by_the_next_run(run_files, tmp_path):
+    frames = run_files["run"].stack()[:40]
+    raw = write_stack(frames[:24], tmp_path / "raw.zarr", block_frames=BLOCK)
+    out = tmp_path / "out.zarr"
+    correct(raw, out, block_frames=BLOCK, estimate_only=True)
+    array = zarr.open_array(raw, mode="r+")
+    array.resize(frames.shape)
+    array[24:] = frames[24:]
+    # A run killed inside the growth: the frame arrays resized, nothing else (no coordinates, no markers).
+    group = zarr.open_group(out, mode="r+", use_consolidated=False)
+    for name in ("frame", "shift", "raw_shift", "sigma", "valid", "ncc", "overlap", "second_peak"):
+        group[name].resize((40, *group[name].shape[1:]))
+    ds = correct(raw, out, block_frames=BLOCK, estimate_only=True).load()
+    assert ds.attrs["status"] == "complete" and ds.sizes["frame"] == 40
+    np.testing.assert_array_equal(ds["frame"].values, np.arange(40))
+    assert np.isfinite(ds["raw_shift"].values[~run_files["run"].beam_off[:40]]).all()

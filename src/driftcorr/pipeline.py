@@ -552,7 +552,7 @@ def correct(
             if frames.shape[0] > state.n_frames:
                 coords = {name: np.asarray(coord) for name, coord in frames.coords.items()
                           if coord.dims == ("frame",)}
-                store.grow_output(location, frames.shape[0], block, coords)
+                store.grow_output(location, state.n_frames, frames.shape[0], block, coords)
         plan = setup.plan(cfg)
         _run_blocks(_registration_tasks(frames, plan, cfg, location, block), label="registering", progress=mode)
         drift = _drift_from_registration(frames, store.read_array(location, store.REGISTRATION), setup, plan, cfg)
@@ -577,8 +577,13 @@ def _run_identity(frames: xr.DataArray, user_mask, cfg: CorrectionConfig, estima
     else:
         user_mask = np.asarray(user_mask, dtype=bool)
         mask_digest = hashlib.sha256(np.packbits(user_mask).tobytes() + str(user_mask.shape).encode()).hexdigest()
+    # The input by its absolute location and by its first frame: the same name in another folder, or a stack
+    # written anew at the same place, is another input.
+    first_frame = hashlib.sha256(np.ascontiguousarray(frames.data[0].compute()).tobytes()).hexdigest()
+    source = frames.attrs.get("source")
     return {"config": cfg.model_dump(mode="json"), "config_digest": cfg.digest(),
-            "input": frames.attrs.get("source", "in-memory array"), "mask_digest": mask_digest,
+            "input": store.absolute(source) if source else "in-memory array", "input_first_frame": first_frame,
+            "mask_digest": mask_digest,
             "products": "drift" if estimate_only else "drift+corrected",
             "frame_shape": [int(n) for n in frames.shape[1:]], "dtype": str(frames.dtype)}
 
@@ -596,7 +601,8 @@ def _check_same_run(location: str, state, identity: dict, n_frames: int) -> None
         made = "without" if stored.get("products") == "drift" else "with"
         raise OutputMismatchError(f"output {location!r} exists and was made {made} the corrected stack "
                                   f"('driftcorr {'estimate' if made == 'without' else 'correct'}'); {how}")
-    for key, what in (("input", "from the input"), ("mask_digest", "with a different mask: digest"),
+    for key, what in (("input", "from the input"), ("input_first_frame", "from another stack: first frame digest"),
+                      ("mask_digest", "with a different mask: digest"),
                       ("frame_shape", "from frames of shape"), ("dtype", "from frames of dtype")):
         if stored.get(key) != identity[key]:
             raise OutputMismatchError(f"output {location!r} exists and was made {what} {stored.get(key)!r} "
@@ -624,7 +630,7 @@ def _create_output(location: str, frames: xr.DataArray, setup: _Setup, cfg: Corr
         template["corrected"] = xr.DataArray(
             da.full(frames.shape, np.nan, dtype=np.float32, chunks=(block, *frames.shape[1:])), dims=frames.dims,
             attrs=dict(_CORRECTED_ATTRS))
-    template.attrs.update({**identity, "status": store.STATUS_INCOMPLETE})
+    template.attrs.update({**identity, store.COMMITTED_ATTR: int(n_frames), "status": store.STATUS_INCOMPLETE})
     store.create_output(template, location, block_frames=block, n_columns=2 * ndim + 3)
 
 

@@ -46,6 +46,8 @@ REGISTERED, CORRECTED = f"{PROGRESS}/registered", f"{PROGRESS}/corrected"
 UNREADABLE = f"{PROGRESS}/unreadable"
 _PROGRESS_ARRAYS = ("registration", "applied_shift", "registered", "corrected", "unreadable")
 LOCK_NAME = ".driftcorr.lock"
+#: Attribute holding the number of frames an output has been fully set up for (written after a growth).
+COMMITTED_ATTR = "frames_committed"
 #: Frames per chunk of the per-frame tables (shift, sigma, ...) and coordinates of an output.
 TABLE_CHUNK = 4096
 #: Encoding of time coordinates in outputs: int64 microseconds.
@@ -288,7 +290,7 @@ def prepare_output(output, *, input_location: str | None, overwrite: bool, resum
     """
     location = _location(output)
     if _is_remote(location):
-        return location
+        return _prepare_remote_output(location, input_location, overwrite=overwrite, resumable=resumable)
     out_path = Path(location).resolve()
     if input_location is not None and not _is_remote(input_location):
         in_path = Path(input_location).resolve()
@@ -313,6 +315,28 @@ def prepare_output(output, *, input_location: str | None, overwrite: bool, resum
             raise OutputError(f"cannot create the output's folder {str(parent)!r}: {error.strerror}") from None
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder {str(parent)!r} is not writable; choose another output")
+    return location
+
+
+def _prepare_remote_output(location: str, input_location: str | None, *, overwrite: bool, resumable: bool) -> str:
+    """:func:`prepare_output` for a URL: no overlap with the input, and nothing but a driftcorr output replaced."""
+    if input_location is not None and _is_remote(input_location):
+        out_url, in_url = location.rstrip("/") + "/", input_location.rstrip("/") + "/"
+        if out_url.startswith(in_url) or in_url.startswith(out_url):
+            raise OutputError(f"output {location!r} overlaps the input {input_location!r}; "
+                              "choose an output outside the input")
+    try:
+        existing = zarr.open(location, mode="r")
+    except (FileNotFoundError, KeyError, ValueError, TypeError, zarr.errors.NodeNotFoundError):
+        return location
+    except Exception:  # nothing readable there (or no permission to list it): treat as absent
+        return location
+    ours = isinstance(existing, zarr.Group) and MARKER_ATTR in existing.attrs
+    if not ours:
+        raise OutputError(f"output {location!r} exists and is not a driftcorr output; refusing to write into it, "
+                          "choose another output")
+    if not resumable and not overwrite:
+        raise OutputExistsError(f"output {location!r} already exists; pass --overwrite to replace it")
     return location
 
 
@@ -433,6 +457,7 @@ def read_output(output) -> OutputState | None:
     with _lock_file_ignored():
         members = dict(group.members())
     n_frames = int(members["frame"].shape[0]) if "frame" in members else 0
+    n_frames = int(attrs.get(COMMITTED_ATTR, n_frames))  # arrays may have been resized by a growth cut short
     ready = False
     if PROGRESS in members and isinstance(members[PROGRESS], zarr.Group):
         with _lock_file_ignored():
@@ -506,16 +531,17 @@ def create_output(template: xr.Dataset, output, *, block_frames: int, n_columns:
         progress.create_array(name, shape=(n_blocks,), chunks=(1,), dtype=np.int32, fill_value=0, **common)
 
 
-def grow_output(output, n_frames: int, block_frames: int, frame_coords: dict) -> None:
-    """Make room for ``n_frames`` frames (the input has grown): resize every frame array, write the new coordinates.
+def grow_output(output, old: int, n_frames: int, block_frames: int, frame_coords: dict) -> None:
+    """Make room for ``n_frames`` frames (the input has grown from ``old``): resize every frame array, write the new
+    coordinates, then record the new length (:data:`COMMITTED_ATTR`). Repeating it after a kill is harmless.
 
     Parameters
     ----------
     frame_coords : dict of str to ndarray
-        Full values of the coordinates along ``frame`` (only the new part is written).
+        Full values of the coordinates along ``frame`` (only the part from ``old`` on is written).
     """
-    group = _open_output(_location(output), "r+")
-    old = int(group["frame"].shape[0])
+    location = _location(output)
+    group = _open_output(location, "r+")
     with _lock_file_ignored():
         arrays = list(group.arrays())
     for _, array in arrays:
@@ -532,6 +558,7 @@ def grow_output(output, n_frames: int, block_frames: int, frame_coords: dict) ->
             if np.issubdtype(values.dtype, np.datetime64):
                 values = values.astype("datetime64[us]").astype(np.int64)  # TIME_UNITS
             group[name][old:] = values
+    set_attributes(location, {COMMITTED_ATTR: int(n_frames)}, status=STATUS_INCOMPLETE)
 
 
 def write_block(output, start: int, arrays: dict, marker: str, block: int, *, unreadable: bool = False) -> None:
