@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -244,19 +243,32 @@ def test_concurrent_run_is_refused_while_the_first_completes(run_files, tmp_path
     assert _snapshot(out) == _snapshot(run_files["clean"])
 
 
-def test_lock_of_a_live_process_holds_and_a_dead_one_is_taken_over(small_run, tmp_path):
+HOLD_LOCK = """
+import fcntl, json, os, sys, time
+descriptor = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+os.write(descriptor, json.dumps({"pid": os.getpid(), "host": "elsewhere"}).encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_lock_of_a_live_process_holds_and_a_killed_one_does_not(small_run, tmp_path):
     raw = write_stack(small_run.stack(), tmp_path / "raw.zarr")
     out = tmp_path / "out.zarr"
     out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / LOCK_NAME)], stdout=subprocess.PIPE,
+                              text=True)
     try:
-        (out / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
-        with pytest.raises(OutputLockedError, match=str(sleeper.pid)):
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLockedError, match=f"process {holder.pid} on elsewhere"):
             correct(raw, out, estimate_only=True)
-        assert read_lock(out)["pid"] == sleeper.pid and not (out / "zarr.json").exists()
+        assert read_lock(out)["pid"] == holder.pid and not (out / "zarr.json").exists()
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # Killed: the system released its lock; the file it left behind blocks nothing.
+    assert (out / LOCK_NAME).exists() and read_lock(out) is None
     assert correct(raw, out, estimate_only=True).attrs["status"] == "complete"
     assert not (out / LOCK_NAME).exists()
 

@@ -12,11 +12,11 @@ process out while one is writing. Every array is written with a CRC32C checksum 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -52,9 +52,6 @@ COMMITTED_ATTR = "frames_committed"
 TABLE_CHUNK = 4096
 #: Encoding of time coordinates in outputs: int64 microseconds.
 TIME_UNITS = "microseconds since 1970-01-01"
-#: A lock of another host (or of unknown owner) not refreshed for this long is taken to be left by a killed run.
-LOCK_STALE_SECONDS = 600.0
-_HEARTBEAT_SECONDS = 30.0
 
 
 def _location(path_or_url) -> str:
@@ -621,45 +618,60 @@ def set_attributes(output, attrs: dict, *, status: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- locks
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_lock(output) -> dict | None:
-    """The owner of an output's lock (``pid``, ``host``, ``since``), or None when it is not locked."""
+    """Who holds the output's lock (``pid``, ``host``, ``since``), or None when no running process holds it."""
     path = Path(_location(output)) / LOCK_NAME
     try:
-        text = path.read_text()
-        age = time.time() - path.stat().st_mtime
+        descriptor = os.open(path, os.O_RDONLY)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        owner = json.loads(text)
-    except json.JSONDecodeError:
-        owner = {}
-    return {**owner, "age_s": age}
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                return {}
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return None  # a file left by a killed run: nobody holds it
+    finally:
+        os.close(descriptor)
 
 
-def _is_stale(owner: dict) -> bool:
-    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-        return not _process_alive(owner["pid"])
-    return owner["age_s"] > LOCK_STALE_SECONDS
+def _take_lock(path: Path, location: str) -> int:
+    """An open descriptor of the lock file, exclusively locked (``flock``) by this process."""
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(20):
+        descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            holder = read_lock(location) or {}
+            raise OutputLockedError(
+                f"output {location!r} is being written by process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}; wait for it to finish or write to another output") from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, json.dumps(owner).encode())
+            return descriptor
+        os.close(descriptor)  # the previous holder removed the file we locked: lock the new one
+    raise OutputLockedError(f"output {location!r}: could not take its lock; try again")
 
 
 @contextmanager
 def output_lock(output):
-    """Hold the output's lock file while writing it; refuse when another live run holds it.
+    """Hold the output's lock while writing it; refuse when another running process holds it.
 
-    A lock left by a killed run is taken over: on this host when its process is gone, otherwise when it has not
-    been refreshed (every few seconds while held) for :data:`LOCK_STALE_SECONDS`. The output folder is created
-    here if needed, and removed again on the way out if nothing was written into it. Object-store outputs are
-    not locked.
+    The lock is an exclusive ``flock`` on a file in the output folder: the system releases it when its process
+    ends, however it ends, so a lock left by a killed run never blocks the next one. The output folder is created
+    here if needed, and removed again on the way out if nothing was written into it. Object-store outputs are not
+    locked.
     """
     location = _location(output)
     if _is_remote(location):
@@ -669,39 +681,12 @@ def output_lock(output):
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    for attempt in range(2):
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_lock(location)
-            if holder is not None and (attempt or not _is_stale(holder)):
-                raise OutputLockedError(
-                    f"output {location!r} is being written by process {holder.get('pid', '?')} on "
-                    f"{holder.get('host', '?')}; wait for it to finish (a lock left by a killed run is taken over "
-                    f"once that process is gone) or write to another output") from None
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(owner, handle)
-        break
-    stop = threading.Event()
-
-    def heartbeat():
-        while not stop.wait(_HEARTBEAT_SECONDS):
-            try:
-                os.utime(path)
-            except OSError:
-                return
-
-    beat = threading.Thread(target=heartbeat, name="driftcorr-lock", daemon=True)
-    beat.start()
+    descriptor = _take_lock(path, location)
     try:
         yield
     finally:
-        stop.set()
-        beat.join()
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # still holding it: a process waiting on this file retries on the new one
+        os.close(descriptor)
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 
@@ -725,8 +710,8 @@ def describe_output(output) -> str:
         lines.append("registered  0 frames (set-up not finished)")
     owner = read_lock(location) if not _is_remote(location) else None
     if owner is not None:
-        lines.append(f"locked by   process {owner.get('pid', '?')} on {owner.get('host', '?')} "
-                     f"(refreshed {owner['age_s']:.0f} s ago)")
+        lines.append(f"locked by   process {owner.get('pid', '?')} on {owner.get('host', '?')} since "
+                     f"{owner.get('since', '?')}")
     lines.append(f"input       {state.attrs.get('input', '?')}")
     config = state.attrs.get("config", {})
     lines.append("config      " + (json.dumps(config, sort_keys=True) if isinstance(config, dict) else str(config)))
