@@ -196,6 +196,14 @@ def test_s3_endpoint_from_storage_options_in_the_config(local_run, s3_server, mo
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(xr.open_zarr("s3://options/out.zarr")["shift"].values,
                                   xr.open_zarr(local_run["local"])["shift"].values)
+    # Worker processes of a local cluster get the storage options too (they read and write the blocks).
+    config.write_text(config.read_text() + "\n[cluster]\nlocal_workers = 2\n")
+    done = _cli("correct", "s3://options/raw.zarr", "s3://options/out2.zarr", "--mask", local_run["mask"],
+                "--config", config, env=env)
+    assert done.returncode == 0, done.stderr
+    ds = xr.open_zarr("s3://options/out2.zarr")
+    assert ds.attrs["unreadable_frames"] == []
+    np.testing.assert_array_equal(ds["corrected"].values, xr.open_zarr(local_run["local"])["corrected"].values)
 
 
 def test_the_plan_is_sent_once_not_per_task(local_run, tmp_path, monkeypatch):

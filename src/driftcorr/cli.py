@@ -99,11 +99,35 @@ def _correction_options(command):
 
 
 @contextlib.contextmanager
-def _dask_cluster(cluster: ClusterConfig):
-    """A distributed client for the run: to a running scheduler, to a local cluster, or none (local threads)."""
+def _dask_cluster(cluster: ClusterConfig, storage_options: dict | None = None):
+    """A distributed client for the run: to a running scheduler, to a local cluster, or none (local threads).
+
+    The workers get the ``storage_options`` too (a worker plugin, so workers that join later get them as well).
+    """
     if cluster.scheduler is None and cluster.local_workers is None:
         yield None
         return
+    with _dask_client(cluster) as client:
+        if storage_options:
+            client.register_plugin(_storage_options_plugin(storage_options), name="driftcorr-storage-options")
+        yield client
+
+
+def _storage_options_plugin(storage_options: dict):
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class StorageOptions(WorkerPlugin):
+        def __init__(self, options):
+            self.options = options
+
+        def setup(self, worker):
+            set_storage_options(self.options)
+
+    return StorageOptions(storage_options)
+
+
+@contextlib.contextmanager
+def _dask_client(cluster: ClusterConfig):
     from distributed import Client, LocalCluster
 
     if cluster.scheduler is not None:
@@ -138,7 +162,7 @@ def _run_correction(input, output, mask, config_file, overwrite, estimate_only, 
     cluster, storage_options = load_run_settings(config_file, scheduler=options.pop("scheduler"))
     cfg = _build_config(config_file, **options)
     set_storage_options(storage_options)
-    with _dask_cluster(cluster):
+    with _dask_cluster(cluster, storage_options):
         result = correct(input, output, mask=mask, overwrite=overwrite, estimate_only=estimate_only, config=cfg,
                          progress=progress)
     unreadable = result.attrs.get("unreadable_frames") or []
