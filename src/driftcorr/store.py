@@ -157,7 +157,18 @@ class FrameReader:
     path: str
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
-        return zarr.open_array(self.location, path=self.path, mode="r")[start:stop]
+        array = zarr.open_array(self.location, path=self.path, mode="r")
+        frames = array[start:stop]
+        fill = array.metadata.fill_value
+        flat = frames.reshape(len(frames), -1)
+        unwritten = np.all((flat == fill) | (np.isnan(flat) & np.isnan(fill)) if frames.dtype.kind == "f"
+                           else flat == fill, axis=1)
+        if unwritten.any():
+            # Nothing but the fill value: a chunk not written (yet). The block is retried by the next run, so
+            # frames appended by resizing the array before writing them are registered once they are written.
+            raise FileNotFoundError(f"frames {start + int(np.argmax(unwritten))}.. hold only the fill value "
+                                    "(chunk missing or not written yet)")
+        return frames
 
 
 def frame_reader(frames: xr.DataArray) -> FrameReader | None:
