@@ -309,3 +309,14 @@ def test_failing_block_exits_1_and_the_rerun_resumes(cli, stored_inputs, tmp_pat
     assert result.exit_code == 0, result.stderr
     assert poisoned.calls == [8]  # only the block that failed
     assert xr.open_zarr(output).attrs["status"] == "complete"
+
+
+@pytest.mark.parametrize("text, named", [
+    ("upsample_factor = 7\n[correction]\nmethod = 'ncc'\n", "upsample_factor"),
+    ("[cluster]\nscheduler = 'tcp://127.0.0.1:1'\nlocal_workers = 2\n", "not both"),
+    ("cluster = 'tcp://127.0.0.1:1'\n[correction]\n", "cluster"),
+])
+def test_config_file_settings_are_never_silently_ignored(cli, stored_inputs, tmp_path, text, named):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    _assert_bad_input(cli("estimate", stored_inputs["v3"], tmp_path / "out.zarr", "--config", config), match=named)

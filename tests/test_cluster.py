@@ -93,8 +93,9 @@ def dask_cluster(tmp_path):
 
 def test_running_scheduler_gives_the_local_result(local_run, dask_cluster, tmp_path):
     out = tmp_path / "out.zarr"
+    host_port = dask_cluster["address"].removeprefix("tcp://")  # HOST:PORT is taken as tcp://HOST:PORT
     done = _cli("correct", local_run["raw"], out, "--mask", local_run["mask"], "--block-frames", BLOCK,
-                "--scheduler", dask_cluster["address"])
+                "--scheduler", host_port)
     assert done.returncode == 0, done.stderr
     _assert_same(out, local_run["local"])
     # The scheduler file works as well.
@@ -120,8 +121,12 @@ def test_killed_worker_process_still_completes(local_run, dask_cluster, tmp_path
     _assert_same(out, local_run["local"])
 
 
-def test_unreachable_scheduler_is_a_clear_error(local_run, tmp_path):
-    done = _cli("correct", local_run["raw"], tmp_path / "out.zarr", "--scheduler", "nowhere.json")
+@pytest.mark.parametrize("scheduler", ["nowhere.json", "not-json", "http://127.0.0.1:8786", "tcp://127.0.0.1"])
+def test_unreachable_scheduler_is_a_clear_error(local_run, tmp_path, scheduler):
+    if scheduler == "not-json":
+        scheduler = tmp_path / "scheduler.json"
+        scheduler.write_text("this is not json")
+    done = _cli("correct", local_run["raw"], tmp_path / "out.zarr", "--scheduler", scheduler, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "scheduler" in done.stderr
     assert not (tmp_path / "out.zarr").exists()
 

@@ -80,3 +80,15 @@ def test_apply_drift_on_a_drift_only_output_is_lazy_and_equals_the_written_frame
     assert isinstance(view.data, dask.array.Array)  # nothing computed yet
     written = xr.open_zarr(root / "corrected.zarr")["corrected"].values
     np.testing.assert_array_equal(view.values, written)
+
+
+def test_report_of_volumes_and_a_missing_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    from scipy import ndimage as ndi
+
+    volumes = ndi.gaussian_filter(rng.random((40, 24, 24)), 2)
+    stack = np.stack([ndi.shift(volumes, (0, 0.1 * t, 0)) for t in range(6)]).astype(np.float32) * 1000
+    correct(stack, tmp_path / "vol.zarr", detect_defects=False, reference=0, max_shift=4)
+    assert _cli("report", tmp_path / "vol.zarr", "--png", tmp_path / "v.png").exit_code == 0
+    result = _cli("report", tmp_path / "vol.zarr", "--png", tmp_path / "nowhere" / "v.png")
+    assert result.exit_code == 2 and "folder does not exist" in result.stderr

@@ -64,3 +64,23 @@ def test_time_from_start_and_interval(timed_run, tmp_path):
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "out.zarr")["time"].values, expected)
     alone = _cli("estimate", raw, tmp_path / "o2.zarr", "--start-time", "2026-01-01")
     assert alone.returncode == 2 and "frame_interval" in alone.stderr and len(alone.stderr.splitlines()) == 1
+
+
+def test_elapsed_time_coordinate_survives_an_append(timed_run, tmp_path):
+    run, _ = timed_run
+    elapsed = np.arange(48) * np.timedelta64(2, "s")
+    frames = xr.DataArray(run.stack(), dims=("t", "y", "x"), coords={"t": elapsed})
+    from driftcorr import correct
+
+    correct(frames.isel(t=slice(0, 16)), tmp_path / "out.zarr", estimate_only=True, block_frames=8)
+    correct(frames, tmp_path / "out.zarr", estimate_only=True, block_frames=8)
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "out.zarr")["t"].values, elapsed)
+
+
+def test_start_time_with_a_timezone_is_stored_in_utc(timed_run, tmp_path):
+    run, _ = timed_run
+    ds = estimate_drift(run.stack()[:8], start_time="2026-01-01T12:00:00+02:00", frame_interval=1.5e-6,
+                        detect_defects=False, reference=0)
+    assert ds["time"].values[0] == np.datetime64("2026-01-01T10:00:00")
+    # Offsets are rounded from the start, not accumulated: 6 x 1.5 us = 9 us, not 6 x 2 us.
+    assert ds["time"].values[6] - ds["time"].values[0] == np.timedelta64(9, "us")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -16,7 +17,7 @@ import click
 from . import __version__
 from .config import ClusterConfig, load_config_file, load_run_settings, make_config
 from .errors import ConfigError, DriftcorrError, RunFailedError
-from .store import set_storage_options
+from .store import restore_storage_options, set_storage_options
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -108,9 +109,15 @@ def _dask_cluster(cluster: ClusterConfig, storage_options: dict | None = None):
         yield None
         return
     with _dask_client(cluster) as client:
-        if storage_options:
-            client.register_plugin(_storage_options_plugin(storage_options), name="driftcorr-storage-options")
-        yield client
+        if not storage_options:
+            yield client
+            return
+        name = "driftcorr-storage-options"
+        client.register_plugin(_storage_options_plugin(storage_options), name=name)
+        try:
+            yield client
+        finally:  # a shared scheduler must not keep this run's options (credentials) for the next one
+            client.unregister_worker_plugin(name)
 
 
 def _storage_options_plugin(storage_options: dict):
@@ -121,7 +128,10 @@ def _storage_options_plugin(storage_options: dict):
             self.options = options
 
         def setup(self, worker):
-            set_storage_options(self.options)
+            self.saved = set_storage_options(self.options)
+
+        def teardown(self, worker):
+            restore_storage_options(getattr(self, "saved", {}))
 
     return StorageOptions(storage_options)
 
@@ -134,13 +144,15 @@ def _dask_client(cluster: ClusterConfig):
         target = cluster.scheduler
         by_file = "://" not in target and Path(target).is_file()
         if not by_file and "://" not in target:
-            raise ConfigError(f"scheduler {target!r} is neither an address (tcp://HOST:PORT) nor an existing "
-                              "scheduler file")
+            if not re.fullmatch(r"[\w.\-]+:\d+", target):
+                raise ConfigError(f"scheduler {target!r} is neither an address (tcp://HOST:PORT) nor an existing "
+                                  "scheduler file")
+            target = f"tcp://{target}"  # HOST:PORT
         try:
             client = Client(scheduler_file=target, timeout="20s") if by_file else Client(target, timeout="20s")
-        except OSError as error:
-            raise ConfigError(f"cannot reach the Dask scheduler {target!r} ({error}); start it or fix the "
-                              "address") from None
+        except (OSError, ValueError, AssertionError, KeyError, TypeError) as error:
+            raise ConfigError(f"cannot reach the Dask scheduler {cluster.scheduler!r} ({type(error).__name__}: "
+                              f"{error}); start it or fix the address or scheduler file") from None
         with client:
             yield client
         return

@@ -117,6 +117,10 @@ def load_config_file(path) -> dict:
     """
     data = _read_config_file(path)
     if "correction" in data:
+        others = sorted(set(data) - {"correction", *RUN_SECTIONS})
+        if others:
+            raise ConfigError(f"configuration file {str(path)!r}: {others[0]!r} is outside the [correction], "
+                              "[cluster] and [storage_options] tables; move it into one of them")
         return dict(data["correction"])
     return {key: value for key, value in data.items() if key not in RUN_SECTIONS}
 
@@ -135,6 +139,12 @@ class ClusterConfig(BaseModel):
     local_workers: int | None = Field(None, ge=1, description="start a local cluster of this many worker processes")
     threads_per_worker: int = Field(1, ge=1, description="threads of each local worker process")
 
+    @model_validator(mode="after")
+    def _one_kind_of_cluster(self):
+        if self.scheduler is not None and self.local_workers is not None:
+            raise ValueError("give either scheduler (a running cluster) or local_workers (a new local one), not both")
+        return self
+
 
 def load_run_settings(path, *, scheduler: str | None = None) -> tuple[ClusterConfig, dict]:
     """The ``[cluster]`` and ``[storage_options]`` tables of a configuration file (``path`` may be None).
@@ -142,7 +152,10 @@ def load_run_settings(path, *, scheduler: str | None = None) -> tuple[ClusterCon
     ``scheduler`` (from the command line) overrides the file's.
     """
     data = _read_config_file(path) if path is not None else {}
-    cluster = dict(data.get("cluster", {}))
+    cluster = data.get("cluster", {})
+    if not isinstance(cluster, dict):
+        raise ConfigError("[cluster] must be a table, e.g. [cluster] scheduler = \"tcp://HOST:8786\"")
+    cluster = dict(cluster)
     if scheduler is not None:
         cluster["scheduler"] = scheduler
     try:

@@ -16,6 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC
 from importlib.metadata import version
 
 import dask
@@ -92,9 +93,21 @@ def with_time(frames: xr.DataArray, cfg: CorrectionConfig) -> xr.DataArray:
     """Give the frames a ``time`` coordinate from ``start_time`` and ``frame_interval`` when the options set them."""
     if cfg.start_time is None:
         return frames
-    start = np.datetime64(cfg.start_time.replace(tzinfo=None), "us")
-    step = np.timedelta64(int(round(cfg.frame_interval * 1e6)), "us")
-    return frames.assign_coords(time=("frame", start + step * np.arange(frames.shape[0])))
+    start_time = cfg.start_time
+    if start_time.tzinfo is not None:  # times are stored in UTC
+        start_time = start_time.astimezone(UTC).replace(tzinfo=None)
+    start = np.datetime64(start_time, "us")
+    offsets = np.round(np.arange(frames.shape[0]) * cfg.frame_interval * 1e6).astype("timedelta64[us]")
+    return frames.assign_coords(time=("frame", start + offsets))
+
+
+def _storable(values: np.ndarray) -> np.ndarray:
+    """Times in nanoseconds (xarray encodes coarser units, such as timedelta64[s], wrongly into microseconds)."""
+    if np.issubdtype(values.dtype, np.timedelta64):
+        return values.astype("timedelta64[ns]")
+    if np.issubdtype(values.dtype, np.datetime64):
+        return values.astype("datetime64[ns]")
+    return values
 
 
 def as_stack(stack, *, array: str | None = None, block_frames: int | None = None) -> xr.DataArray:
@@ -122,7 +135,7 @@ def as_stack(stack, *, array: str | None = None, block_frames: int | None = None
         data, attrs = stack.data, dict(stack.attrs)
         first = stack.dims[0]
         # Keep coordinates along frames (a time, say) under their names; the first dimension is always "frame".
-        coords = {name: ("frame", np.asarray(coord)) for name, coord in stack.coords.items()
+        coords = {name: ("frame", _storable(np.asarray(coord))) for name, coord in stack.coords.items()
                   if coord.dims == (first,)}
     if not isinstance(data, da.Array):
         data = np.asarray(data)
@@ -552,6 +565,11 @@ def correct(
             if frames.shape[0] > state.n_frames:
                 coords = {name: np.asarray(coord) for name, coord in frames.coords.items()
                           if coord.dims == ("frame",)}
+                stored = [name for name, coord in store.open_output_dataset(location).coords.items()
+                          if coord.dims == ("frame",) and name not in coords]
+                if stored:
+                    raise InputError(f"the input has {frames.shape[0]} frames but no {stored[0]!r} coordinate for "
+                                     "all of them (it may not be written yet); run again once it is")
                 store.grow_output(location, state.n_frames, frames.shape[0], block, coords)
         plan = setup.plan(cfg)
         _run_blocks(_registration_tasks(frames, plan, cfg, location, block), label="registering", progress=mode)

@@ -95,8 +95,12 @@ def report_figure(output) -> plt.Figure:
     ncc_axis.set(xlabel=label, ylabel="peak NCC", title=f"correlation ({int((~valid).sum())} flagged frames)")
     ncc_axis.legend(loc="best")
     before, after = _mean_images(ds)
+    if ds["reference"].ndim == 3:  # volumes: show maximum projections along z
+        before = None if before is None else np.nanmax(before, axis=0)
+        after = None if after is None else np.nanmax(after, axis=0)
     if before is None:
         before = ds["reference"].values
+        before = before.max(axis=0) if before.ndim == 3 else before
         before_title = "reference (input not readable)"
     else:
         before_title = "mean of trusted frames, before"
@@ -123,6 +127,9 @@ def write_report(output, *, png=None, html=None) -> None:
     """Write the report of a driftcorr output as a PNG and/or a self-contained HTML page."""
     if png is None and html is None:
         raise InputError("nothing to write: give --png FILE and/or --html FILE")
+    for path in (png, html):
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise InputError(f"cannot write {os.fspath(path)!r}: its folder does not exist")
     figure = report_figure(output)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)

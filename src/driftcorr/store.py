@@ -178,16 +178,30 @@ def frame_reader(frames: xr.DataArray) -> FrameReader | None:
     return None
 
 
-def set_storage_options(storage_options: dict) -> None:
-    """Default fsspec options per protocol (``{"s3": {"endpoint_url": ...}}``) for every URL this process opens."""
+def set_storage_options(storage_options: dict) -> dict:
+    """Default fsspec options per protocol (``{"s3": {"endpoint_url": ...}}``) for every URL this process opens.
+
+    Returns the previous options of those protocols, for :func:`restore_storage_options`.
+    """
     if not storage_options:
-        return
+        return {}
     import fsspec.config
 
+    saved = {}
     for protocol, values in storage_options.items():
         if not isinstance(values, dict):
             raise ConfigError(f"[storage_options.{protocol}] must be a table of options for that protocol")
+        saved[protocol] = dict(fsspec.config.conf.get(protocol, {}))
         fsspec.config.conf.setdefault(protocol, {}).update(values)
+    return saved
+
+
+def restore_storage_options(saved: dict) -> None:
+    """Put back the fsspec options :func:`set_storage_options` replaced."""
+    import fsspec.config
+
+    for protocol, values in saved.items():
+        fsspec.config.conf[protocol] = values
 
 
 def absolute(location: str) -> str:
@@ -406,6 +420,8 @@ def output_encoding(dataset: xr.Dataset, block_frames: int) -> dict:
         if np.issubdtype(variable.dtype, np.datetime64):
             # Explicit and fixed, so that appended times are written in the same units (DESIGN §5).
             encoding[name].update(units=TIME_UNITS, dtype="int64")
+        elif np.issubdtype(variable.dtype, np.timedelta64):
+            encoding[name].update(units="microseconds", dtype="int64")
     return encoding
 
 
@@ -565,6 +581,8 @@ def grow_output(output, old: int, n_frames: int, block_frames: int, frame_coords
             values = np.asarray(values)[old:]
             if np.issubdtype(values.dtype, np.datetime64):
                 values = values.astype("datetime64[us]").astype(np.int64)  # TIME_UNITS
+            elif np.issubdtype(values.dtype, np.timedelta64):
+                values = values.astype("timedelta64[us]").astype(np.int64)  # microseconds
             group[name][old:] = values
     set_attributes(location, {COMMITTED_ATTR: int(n_frames)}, status=STATUS_INCOMPLETE)
 
