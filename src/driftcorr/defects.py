@@ -220,7 +220,7 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
     -------
     DefectMap
     """
-    sample = np.asarray(sample, dtype=np.float64)
+    sample = np.asarray(sample)
     ndim = sample.ndim - 1
     frame_shape = sample.shape[1:]
     codes = DefectMap.from_mask(mask, frame_shape).codes
@@ -228,27 +228,32 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
     lit, dark, signal = lit_frames(sample)
     if lit.sum() < 2:
         return DefectMap(codes=codes, n_frames=int(lit.sum()))
-    x = sample[lit] - dark[lit].reshape((-1,) + (1,) * ndim)
-    noise = np.maximum(_noise_scale(x), 1e-12 * np.maximum(signal[lit], 1.0))
-    margin = (5.0 * noise).reshape((-1,) + (1,) * ndim)
-    footprint = np.ones((1,) + (3,) * ndim, dtype=bool)
-    footprint[(0,) + (1,) * ndim] = False
-    # The median of the neighbours is not swayed by a neighbouring defect; "mirror" never counts the pixel itself.
-    around = ndi.rank_filter(x, rank=footprint.sum() // 2, footprint=footprint, mode="mirror")
+    footprint = np.ones((3,) * ndim, dtype=bool)
+    footprint[(1,) * ndim] = False
     # Next to the user's mask the neighbours include masked pixels (a dark beam-block): no fair comparison there.
     # Inside it they are all masked and the comparison is fair again (a hot pixel under the beam-block is found
     # and coded hot, so the outlier search can leave it out).
     structure = ndi.generate_binary_structure(ndim, ndim)
     testable = ndi.binary_erosion(user, structure, border_value=1) | ndi.binary_erosion(~user, structure,
                                                                                          border_value=1)
-    hot = (np.mean(x > 2.0 * around + margin, axis=0) >= persistent) & testable
-    dead = (np.mean(x < 0.5 * around - margin, axis=0) >= persistent) & testable
+    # Frame by frame, counting: memory does not grow with the sample (a 1024² sample in float64 is 300 MB a copy).
+    too_bright, too_dark, dim_count = (np.zeros(frame_shape, np.int32) for _ in range(3))
+    for t in np.flatnonzero(lit):
+        x = np.asarray(sample[t], dtype=np.float64) - dark[t]
+        margin = 5.0 * max(float(_noise_scale(x[None])[0]), 1e-12 * max(float(signal[t]), 1.0))
+        # The median of the neighbours is not swayed by a neighbouring defect; "mirror" never counts the pixel.
+        around = ndi.rank_filter(x, rank=footprint.sum() // 2, footprint=footprint, mode="mirror")
+        too_bright += x > 2.0 * around + margin
+        too_dark += x < 0.5 * around - margin
+        dim_count += x < max(margin, unlit_level * float(signal[t]))
+    n_lit = int(lit.sum())
+    hot = (too_bright / n_lit >= persistent) & testable
+    dead = (too_dark / n_lit >= persistent) & testable
     spread = np.ptp(sample[lit], axis=0)
     stuck = (spread == 0) & (spread.max() > 0) & ~hot & ~dead
     if find_unlit is None:
         find_unlit = mask is None
-    level = np.maximum(margin, unlit_level * signal[lit].reshape(margin.shape))
-    dim = np.mean(x < level, axis=0) >= max(persistent, 0.9)
+    dim = dim_count / n_lit >= max(persistent, 0.9)
     labels, _ = ndi.label(dim)
     sizes = np.bincount(labels.ravel())
     unlit = dim & (sizes[labels] >= _MIN_UNLIT_REGION) & (labels > 0) & find_unlit

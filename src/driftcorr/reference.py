@@ -26,16 +26,18 @@ from scipy.sparse.csgraph import connected_components
 
 from .defects import find_outliers, intensity_levels, lit_frames
 from .errors import InputError
-from .registration import make_plan, register_frames
+from .registration import RegistrationResult, make_plan, register_frames
 from .residual import shifted_mask
 from .trajectory import flag_frames
-from .warp import shift_frames
+from .warp import shift_frame
 
 KINDS = ("frame", "mean", "median", "iterative", "pairs")
 #: Kinds built from a sample spread over the range rather than from every frame of it.
 SAMPLED = ("iterative", "pairs")
 FORMS = ("a frame index such as 0, iterative, pairs, or mean:A:B / median:A:B / iterative:A:B / pairs:A:B "
           "for frames A..B-1")
+#: Pixels registered at once (a batch of frames): the batch's spectra, not the sample's, are held in memory.
+BATCH_PIXELS = 4 * 2**20
 #: Rounds of register-and-average of the iterative reference.
 ITERATIONS = 2
 #: Each sample frame of the pairs reference is registered onto this many following frames.
@@ -151,12 +153,16 @@ class BuiltReference:
     n_frames: int
 
 
-def _fill_from_nearest(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Give masked pixels the value of their nearest valid pixel, so interpolation does not ring at the mask."""
+def _nearest_valid(mask: np.ndarray):
+    """Index arrays of each pixel's nearest valid pixel (None when every pixel is valid)."""
     if mask.all():
-        return frames
-    nearest = ndi.distance_transform_edt(~mask, return_distances=False, return_indices=True)
-    return frames[(slice(None), *nearest)]
+        return None
+    return tuple(ndi.distance_transform_edt(~mask, return_distances=False, return_indices=True))
+
+
+def _fill_from_nearest(frame: np.ndarray, nearest) -> np.ndarray:
+    """Give masked pixels the value of their nearest valid pixel, so interpolation does not ring at the mask."""
+    return frame if nearest is None else frame[nearest]
 
 
 def align_and_average(frames, shifts, mask, template, template_mask, *, min_coverage: float = 0.5,
@@ -189,14 +195,14 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
     frames = np.asarray(frames, dtype=np.float64)
     # A cosmic-ray streak in one of the frames must not be averaged into the reference.
     masks = mask & ~find_outliers(frames, mask, intensity_levels(template, template_mask))
-    filled = _fill_from_nearest(frames, mask)
-    for i in np.flatnonzero(~np.all(masks == mask, axis=tuple(range(1, frames.ndim)))):
-        filled[i] = _fill_from_nearest(frames[i:i + 1], masks[i])[0]
-    aligned = shift_frames(filled, shifts, order=order, cval=np.nan, dtype=np.float64)
-    valid = np.stack([_coverage(m, d) > 0.999 for m, d in zip(masks, shifts, strict=True)]) & np.isfinite(aligned)
+    static_nearest = _nearest_valid(mask)
     total = np.zeros(frames.shape[1:])
     count = np.zeros(frames.shape[1:])
-    for frame, ok in zip(aligned, valid, strict=True):
+    # One frame at a time: only the running sums are kept, whatever the sample's size.
+    for raw, frame_mask, shift in zip(frames, masks, shifts, strict=True):
+        nearest = static_nearest if np.array_equal(frame_mask, mask) else _nearest_valid(frame_mask)
+        frame = shift_frame(_fill_from_nearest(raw, nearest), shift, order=order, cval=np.nan, dtype=np.float64)
+        ok = (_coverage(frame_mask, shift) > 0.999) & np.isfinite(frame)
         common = ok & template_mask
         if common.sum() < 2:
             continue
@@ -233,6 +239,15 @@ def _gain_and_offset(template: np.ndarray, frame: np.ndarray) -> tuple[float, fl
         return float("nan"), float("nan")
     gain = float(centred @ (frame - f_mean)) / norm
     return gain, float(f_mean - gain * t_mean)
+
+
+def _register_in_batches(plan, frames: np.ndarray, upsample_factor: float) -> RegistrationResult:
+    """:func:`register_frames` over ``frames`` a few at a time (about :data:`BATCH_PIXELS` per batch)."""
+    batch = max(1, BATCH_PIXELS // int(np.prod(frames.shape[1:])))
+    parts = [register_frames(plan, frames[start:start + batch], upsample_factor=upsample_factor)
+             for start in range(0, len(frames), batch)]
+    return RegistrationResult(**{name: np.concatenate([getattr(part, name) for part in parts])
+                                 for name in RegistrationResult.__dataclass_fields__})
 
 
 def _lit_sample(sample) -> tuple[np.ndarray, int]:
@@ -280,7 +295,7 @@ def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift
     for _ in range(max(int(iterations), 1)):
         plan = make_plan(image, reference_mask=image_mask, moving_mask=mask, max_shift=max_shift,
                          bright_pixels=bright_pixels)
-        result = register_frames(plan, good, upsample_factor=upsample_factor)
+        result = _register_in_batches(plan, good, upsample_factor)
         trusted = flag_frames(result.shift, result.ncc, min_ncc=min_ncc)
         if not trusted.any():
             break
