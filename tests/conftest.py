@@ -78,3 +78,18 @@ def compute_counter():
     counter = ComputeCounter()
     with dask.config.set(scheduler=counter):
         yield counter
+
+
+@pytest.fixture
+def cli():
+    """``cli(*args)``: run the command line in-process; returns click's Result (stdout and stderr apart)."""
+    from click.testing import CliRunner
+
+    from driftcorr.cli import main
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke

@@ -30,17 +30,6 @@ from driftcorr.synthetic import SyntheticRun, make_run
 BLOCK = ("--block-frames", "8")
 
 
-@pytest.fixture
-def cli():
-    """``cli(*args)``: run the command line in-process; returns click's Result (stdout and stderr apart)."""
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
-
-
 @pytest.fixture(scope="module")
 def run() -> SyntheticRun:
     """A short, small synthetic run: 16 frames of 64², with a beam-block."""

@@ -39,17 +39,6 @@ def _script() -> str:
     return found
 
 
-@pytest.fixture
-def cli():
-    """``cli(*args)``: run the command line in-process; returns click's Result (stdout and stderr apart)."""
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
-
-
 def _assert_bad_input(result, *, match: str | None = None):
     """Exit code 2 and one clear line on stderr, no traceback."""
     assert result.exit_code == 2, (result.exit_code, result.output)

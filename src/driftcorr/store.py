@@ -286,15 +286,8 @@ def write_stack(data, path_or_url, *, block_frames: int | None = None, zarr_form
 
 def read_status(path_or_url) -> str | None:
     """Completion status of a driftcorr output, or None if the location is not a driftcorr output."""
-    location = _location(path_or_url)
-    try:
-        group = zarr.open_group(location, mode="r")
-    except (FileNotFoundError, KeyError, ValueError, TypeError, zarr.errors.GroupNotFoundError):
-        return None
-    attrs = dict(group.attrs)
-    if MARKER_ATTR not in attrs:
-        return None
-    return attrs.get("status", STATUS_INCOMPLETE)
+    state = read_output(path_or_url)
+    return None if state is None else state.status
 
 
 def prepare_output(output, *, input_location: str | None, overwrite: bool, resumable: bool = False) -> str:
