@@ -44,26 +44,26 @@ class ResidualBasis:
 
     Attributes
     ----------
-    image : ndarray, float64, shape (pixels,)
-        The centred reference, flattened (0 outside its mask).
+    columns : ndarray, float32, shape (1 + ndim, pixels)
+        The centred reference (0 outside its mask) and its gradient along each axis, flattened, one row each.
     inner : ndarray of bool, frame shape
         Reference pixels at least :data:`RESIDUAL_MARGIN` px inside its mask.
     moving_inner : ndarray of bool, frame shape
         The same for the moving frames' mask.
-    gradients : ndarray, float64, shape (pixels, ndim)
-        The reference's gradient, flattened.
     shells : ndarray of int, shape (pixels,), or None
         Index of each pixel's shell about the reference's centre of symmetry; None: no radial term.
+    order : ndarray of int, shape (pixels,)
+        Flat pixel indices grouped by shell (stable), so that any subset taken in this order is too.
     centre : ndarray, shape (ndim,), or None
         That centre, px (array axis order).
     """
 
-    image: np.ndarray
+    columns: np.ndarray
     inner: np.ndarray
     moving_inner: np.ndarray
-    gradients: np.ndarray
     shells: np.ndarray | None = None
     centre: np.ndarray | None = None
+    order: np.ndarray | None = None
 
 
 def residual_basis(f: np.ndarray, reference_mask: np.ndarray, moving_mask: np.ndarray,
@@ -88,7 +88,7 @@ def residual_basis(f: np.ndarray, reference_mask: np.ndarray, moving_mask: np.nd
     inner = inner_pixels(reference_mask)
     moving_inner = inner_pixels(moving_mask)
     grads = np.gradient(f) if ndim > 1 else [np.gradient(f)]
-    gradients = np.stack([g.ravel() for g in grads], axis=1).astype(np.float64)
+    columns = np.stack([f.ravel(), *(g.ravel() for g in grads)]).astype(np.float32)
     shells = None
     if centre is not None:
         centre = np.asarray(centre, dtype=np.float64)
@@ -96,8 +96,9 @@ def residual_basis(f: np.ndarray, reference_mask: np.ndarray, moving_mask: np.nd
                             indexing="ij")
         radius = np.sqrt(sum(g * g for g in grids)).ravel()
         shells = (radius / SHELL_WIDTH).astype(np.int64)
-    return ResidualBasis(image=f.ravel().astype(np.float64), inner=inner, moving_inner=moving_inner,
-                         gradients=gradients, shells=shells, centre=centre)
+    order = np.argsort(shells, kind="stable") if shells is not None else np.arange(f.size)
+    return ResidualBasis(columns=columns, inner=inner, moving_inner=moving_inner, shells=shells, centre=centre,
+                         order=order)
 
 
 def inner_pixels(mask: np.ndarray) -> np.ndarray:
@@ -137,26 +138,35 @@ def _tile_labels(frame_shape) -> np.ndarray:
 
 
 def _aligned(spectra: np.ndarray, shift: np.ndarray, pad, frame_shape, workers: int) -> np.ndarray:
-    """Frames (given by their padded real spectra) shifted by ``shift`` exactly, cropped, flattened, float64."""
+    """Frames (given by their padded real spectra, which are overwritten) shifted by ``shift`` exactly, cropped,
+    flattened, in the spectra's real dtype."""
     ndim = len(frame_shape)
     for axis in range(ndim):
         freq = sfft.rfftfreq(pad[axis]) if axis == ndim - 1 else sfft.fftfreq(pad[axis])
         shape = [1] * ndim
         shape[axis] = -1
         phase = np.exp(-2j * np.pi * freq.reshape(shape)[None] * shift[:, axis].reshape((-1,) + (1,) * ndim))
-        spectra = spectra * phase.astype(spectra.dtype)
-    aligned = sfft.irfftn(spectra, s=pad, axes=tuple(range(-ndim, 0)), workers=workers)
-    return aligned[(slice(None), *(slice(0, n) for n in frame_shape))].reshape(len(shift), -1).astype(np.float64)
+        spectra *= phase.astype(spectra.dtype)
+    # Inverse transform axis by axis, keeping only the frame's rows (the rest is padding).
+    out = spectra
+    for axis in range(ndim - 1):
+        out = sfft.ifft(out, axis=axis - ndim, workers=workers, overwrite_x=True)
+        out = out[(Ellipsis, slice(0, frame_shape[axis]), *(slice(None),) * (ndim - 1 - axis))]
+    out = sfft.irfft(out, n=pad[-1], axis=-1, workers=workers)[..., :frame_shape[-1]]
+    return out.reshape(len(shift), -1)
 
 
 @dataclass(frozen=True, eq=False)
 class _UsedPixels:
-    """The reference side of the fit over one set of used pixels (shared by the frames that use the same set)."""
+    """The reference side of the fit over one set of used pixels (shared by the frames that use the same set).
 
-    index: np.ndarray  # flat indices of the used pixels
-    labels: np.ndarray  # shell of each used pixel (all 0 without shells)
-    counts: np.ndarray  # pixels per shell (1 for empty shells)
-    x: np.ndarray  # (used, 1 + ndim): f and grad f, shell means removed
+    The pixels are ordered by shell, so that per-shell sums are sums over contiguous runs.
+    """
+
+    index: np.ndarray  # flat indices of the used pixels, grouped by shell
+    starts: np.ndarray  # where each (non-empty) shell's run begins in ``index``
+    sizes: np.ndarray  # pixels per shell run
+    xt: np.ndarray  # (1 + ndim, used): f and grad f, shell means removed, one row each
     inv_normal: np.ndarray  # inverse of x^T x
     f: np.ndarray  # f minus its plain mean, for the overall gain
     ff: float  # f . f
@@ -165,26 +175,34 @@ class _UsedPixels:
 
 def _used_pixels(basis: ResidualBasis, use: np.ndarray, tiles: np.ndarray | None) -> _UsedPixels | None:
     """Precompute the fit's reference side over the pixels ``use``; None when the fit is not possible there."""
-    index = np.flatnonzero(use)
-    ndim = basis.gradients.shape[1]
+    index = basis.order[use[basis.order]]
+    ndim = basis.columns.shape[0] - 1
     if index.size < 3 * ndim + 3:
         return None
-    labels = basis.shells[index] if basis.shells is not None else np.zeros(index.size, np.int64)
-    counts = np.maximum(np.bincount(labels), 1)  # empty shells are never looked up
-    columns = np.column_stack([basis.image[index], basis.gradients[index]])
-    x = columns - _shell_means(columns, labels, counts)[labels]
-    normal = x.T @ x
+    if basis.shells is not None:
+        labels = basis.shells[index]
+        starts = np.flatnonzero(np.diff(labels, prepend=labels[0] - 1))
+    else:
+        starts = np.zeros(1, np.intp)
+    sizes = np.diff(starts, append=index.size)
+    xt = basis.columns[:, index]
+    f = xt[0] - xt[0].mean(dtype=np.float64).astype(xt.dtype)
+    xt -= np.repeat(_run_means(xt, starts, sizes), sizes, axis=1)
+    normal = _gram(xt, xt)
     if not np.linalg.det(normal) > 0:
         return None
-    f = basis.image[index] - basis.image[index].mean()
-    return _UsedPixels(index=index, labels=labels, counts=counts, x=x, inv_normal=np.linalg.inv(normal), f=f,
+    return _UsedPixels(index=index, starts=starts, sizes=sizes, xt=xt, inv_normal=np.linalg.inv(normal), f=f,
                        ff=float(f @ f), tiles=tiles[index] if tiles is not None else None)
 
 
-def _shell_means(columns: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Mean of each column of ``columns`` (pixels, k) over each shell: (shells, k)."""
-    return np.stack([np.bincount(labels, weights=columns[:, c], minlength=counts.size) / counts
-                     for c in range(columns.shape[1])], axis=1)
+def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b.T`` for a few long rows: one dot product per entry (several times faster than BLAS's gemm here)."""
+    return np.array([[float(row_a @ row_b) for row_b in b] for row_a in a])
+
+
+def _run_means(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Mean of ``values`` over each contiguous run along the last axis."""
+    return (np.add.reduceat(values, starts, axis=-1) / sizes).astype(values.dtype, copy=False)
 
 
 def residual_step(basis: ResidualBasis, spectra_conj: np.ndarray, masks: np.ndarray, shift: np.ndarray,
@@ -247,17 +265,17 @@ def residual_step(basis: ResidualBasis, spectra_conj: np.ndarray, masks: np.ndar
         if side is None:
             continue
         g = aligned[k][side.index]
-        shell_mean = np.bincount(side.labels, weights=g, minlength=side.counts.size) / side.counts
-        y = g - shell_mean[side.labels]
-        gain = float(side.f @ (g - g.mean())) / side.ff if side.ff > 0 else float("nan")
+        y = g - np.repeat(_run_means(g, side.starts, side.sizes), side.sizes)
+        gain = float(side.f @ g) / side.ff if side.ff > 0 else float("nan")  # side.f sums to 0
         if not gain > 0:
             continue
-        beta = side.inv_normal @ (side.x.T @ y)
-        residual = y - side.x @ beta
-        scores = residual[:, None] * side.x
-        if side.tiles is not None:
-            scores = np.stack([np.bincount(side.tiles, weights=scores[:, i]) for i in range(ndim + 1)], axis=1)
-        meat = scores.T @ scores
+        beta = side.inv_normal @ (side.xt @ g)  # x has no shell part, so x^T y = x^T g
+        residual = y - beta.astype(y.dtype) @ side.xt
+        if side.tiles is None:
+            meat = _gram(side.xt * (residual * residual), side.xt)
+        else:
+            scores = np.stack([np.bincount(side.tiles, weights=row) for row in side.xt * residual])
+            meat = _gram(scores, scores)
         cov = SIGMA_SCALE * (side.inv_normal @ meat @ side.inv_normal)[1:, 1:] / gain**2
         sigma[t] = np.sqrt(np.clip(np.diagonal(cov), 0, None))
         step = beta[1:] / gain
