@@ -419,8 +419,8 @@ def register_frames(
                                  keep=mask, dtype=plan.dtype)
         fill = None
     g = _centred(frames, mask, plan.dtype, ndim, fill=fill)
-    spec_g = _rfft_padded(g, pad, workers)
     if plan.method == "phase":
+        spec_g = np.stack([_rfft_padded(frame, pad, workers) for frame in g])
         product = plan.spec_f * spec_g.conj()
         product /= np.maximum(np.abs(product), np.finfo(plan.dtype).tiny)
         spectra = product[:, None]
@@ -429,25 +429,9 @@ def register_frames(
         static_spec = None
         n_map = np.full(surface.shape, plan.n_reference)
     else:
-        g *= g
-        spec_g2 = _rfft_padded(g, pad, workers)
+        spec_g, spectra, maps = _correlation_terms(plan, g, masks if per_frame_masks else None, workers)
         del g
-        n_static = 3 if per_frame_masks else 0
-        spectra = np.empty((n_frames, n_static + 3, *spec_g.shape[1:]), dtype=spec_g.dtype)
-        np.conjugate(spec_g, out=spec_g)
-        np.conjugate(spec_g2, out=spec_g2)
-        if per_frame_masks:
-            spec_mg = _rfft_padded(np.asarray(mask, plan.dtype), pad, workers).conj()
-            for i, fixed in enumerate((plan.spec_mf, plan.spec_f, plan.spec_f2)):
-                np.multiply(fixed, spec_mg, out=spectra[:, i])
-            static_spec = None
-        else:
-            static_spec = plan.spec_static
-        np.multiply(plan.spec_mf, spec_g, out=spectra[:, n_static])
-        np.multiply(plan.spec_mf, spec_g2, out=spectra[:, n_static + 1])
-        np.multiply(plan.spec_f, spec_g, out=spectra[:, n_static + 2])
-        del spec_g2
-        maps = _irfft_window(spectra, pad, plan.max_shift, workers).astype(np.float64)
+        static_spec = None if per_frame_masks else plan.spec_static
         if not per_frame_masks:
             maps = np.concatenate([np.broadcast_to(plan.static_maps, (n_frames, *plan.static_maps.shape)), maps],
                                   axis=1)
@@ -483,6 +467,42 @@ def register_frames(
         value = np.clip(value, -1.0, 1.0)  # the interpolated surface can overshoot 1 by a hair
     return RegistrationResult(shift=shift, sigma=sigma, ncc=value, overlap=np.where(ok, overlap, np.nan),
                               second_peak=second_ratio)
+
+
+def _correlation_terms(plan: ReferencePlan, g: np.ndarray, masks: np.ndarray | None, workers: int):
+    """The frames' spectra and the masked NCC's correlation terms in the lag window, frame by frame.
+
+    One frame at a time, so that its transforms stay in the processor's cache (twice as fast as whole blocks at
+    512²). ``g`` holds the centred frames; ``masks`` their own masks, or None for the plan's static one (whose
+    three frame-independent terms are in the plan). Returns the conjugated spectra of ``g`` (n, *spectrum), the
+    spectra of the terms (n, terms, *spectrum) and their values at lags ``-D..D`` (n, terms, *window), float64.
+    """
+    pad = plan.pad_shape
+    n_static = 0 if masks is None else 3
+    spec_g = None
+    for i, frame in enumerate(g):
+        conj_g = _rfft_padded(frame, pad, workers)
+        np.conjugate(conj_g, out=conj_g)
+        conj_g2 = _rfft_padded(frame * frame, pad, workers)
+        np.conjugate(conj_g2, out=conj_g2)
+        if spec_g is None:
+            spec_g = np.empty((len(g), *conj_g.shape), dtype=conj_g.dtype)
+            spectra = np.empty((len(g), n_static + 3, *conj_g.shape), dtype=conj_g.dtype)
+        spec_g[i] = conj_g
+        terms = spectra[i]
+        if masks is not None:
+            conj_m = _rfft_padded(np.asarray(masks[i], plan.dtype), pad, workers)
+            np.conjugate(conj_m, out=conj_m)
+            for t, fixed in enumerate((plan.spec_mf, plan.spec_f, plan.spec_f2)):
+                np.multiply(fixed, conj_m, out=terms[t])
+        np.multiply(plan.spec_mf, conj_g, out=terms[n_static])
+        np.multiply(plan.spec_mf, conj_g2, out=terms[n_static + 1])
+        np.multiply(plan.spec_f, conj_g, out=terms[n_static + 2])
+        window = _irfft_window(terms, pad, plan.max_shift, workers)
+        if i == 0:
+            maps = np.empty((len(g), *window.shape))
+        maps[i] = window
+    return spec_g, spectra, maps
 
 
 def _register_with_outliers(plan, frames, outliers, hit, upsample_factor, workers) -> RegistrationResult:

