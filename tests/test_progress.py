@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 
 import dask
+import numpy as np
 import pytest
+import xarray as xr
 
 import driftcorr.pipeline as pipeline
 from driftcorr import correct
@@ -35,14 +37,17 @@ def test_log_lines_count_the_frames(raw, tmp_path, capsys, monkeypatch, schedule
         with dask.config.set(scheduler="threads"):
             correct(raw, out, block_frames=4, progress="log")
     lines = _lines(capsys.readouterr().err)
-    registering = [line for line in lines if "registering" in line]
-    correcting = [line for line in lines if "correcting" in line]
+    registering = [line for line in lines if line.startswith("driftcorr: registering and correcting ")]
     # One line per block of 4 frames and a last one, counting up to all 32 frames.
-    assert len(registering) == 9 and len(correcting) == 9, lines
+    assert len(registering) == 9, lines
     counts = [int(re.search(r"(\d+)/32 frames", line).group(1)) for line in registering]
     assert counts[:8] == list(range(4, 33, 4)) and counts[-1] == 32
+    # Then only the blocks whose flagged frames got an interpolated shift are corrected again.
+    flagged_blocks = len(set(np.flatnonzero(~xr.open_zarr(out)["valid"].values) // 4))
+    correcting = [line for line in lines if line.startswith("driftcorr: correcting ")]
+    assert flagged_blocks >= 1 and len(correcting) == flagged_blocks + 1, lines
+    assert re.search(rf"{4 * flagged_blocks}/{4 * flagged_blocks} frames", correcting[-1])
     assert all("frames/s" in line for line in lines)
-
 
 def test_no_progress_and_short_runs_are_quiet(raw, tmp_path, capsys):
     correct(raw, tmp_path / "a.zarr", block_frames=4, progress=False)

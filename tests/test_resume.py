@@ -94,7 +94,8 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> bool:
 KILL_POINTS = {
     "during-set-up": lambda out: (out / LOCK_NAME).exists() and not (out / "_progress").exists(),
     "mid-registration": lambda out: _markers(out, "registered") >= N_BLOCKS // 3,
-    "mid-correction": lambda out: _markers(out, "corrected") >= N_BLOCKS // 3,
+    # Blocks are corrected as they are registered: killed here, part of the output is corrected too.
+    "mid-correction": lambda out: _markers(out, "corrected") >= 2 * N_BLOCKS // 3,
 }
 
 
@@ -107,7 +108,7 @@ def test_sigkill_then_same_command_gives_the_clean_output(point, run_files, tmp_
     state = read_output(out)
     assert state is None or state.status != "complete"  # a killed run never claims to be complete
     if point == "mid-correction":
-        assert 0 < _markers(out, "corrected") < N_BLOCKS and _markers(out, "registered") == N_BLOCKS
+        assert 0 < _markers(out, "corrected") < N_BLOCKS and _markers(out, "registered") >= 2 * N_BLOCKS // 3
     # The lock of the killed process is left behind; the next run takes it over (its process is gone).
     assert (out / LOCK_NAME).exists()
     again = _cli(*args)
@@ -136,8 +137,32 @@ def test_resume_recomputes_nothing_already_done(run_files, tmp_path, monkeypatch
     calls.clear()
     with dask.config.set(scheduler="synchronous"):
         correct(run_files["raw"], out, **options)
-    assert calls == [BLOCK]  # the one failed block
+    assert calls == [1, BLOCK]  # the anchor frame (the origin of the shifts), then the one failed block
     _assert_same_values(out, run_files["clean"])
+
+
+def test_blocks_are_corrected_as_they_are_registered(run_files, tmp_path, monkeypatch):
+    """One read per block: only blocks holding a flagged frame (interpolated shift) are read and shifted again,
+    and the output is the one the two passes (register all, then correct all) give."""
+    shifted_again = []
+    shift_and_store = pipeline._shift_and_store
+
+    def spy(source, frame_shape, shifts, *args):
+        shifted_again.append(args[-2])  # the block's first frame
+        return shift_and_store(source, frame_shape, shifts, *args)
+
+    monkeypatch.setattr(pipeline, "_shift_and_store", spy)
+    options = {"mask": np.load(run_files["mask"]), "block_frames": BLOCK}
+    with dask.config.set(scheduler="synchronous"):
+        ds = correct(run_files["raw"], tmp_path / "one_pass.zarr", **options).load()
+        flagged = sorted({int(frame) // BLOCK * BLOCK for frame in np.flatnonzero(~ds["valid"].values)})
+        assert flagged and sorted(shifted_again) == flagged
+        shifted_again.clear()
+        monkeypatch.setattr(pipeline, "_anchor_origin", lambda *args: None)  # no origin: correct after all
+        correct(run_files["raw"], tmp_path / "two_pass.zarr", **options)
+    assert sorted(shifted_again) == list(range(0, N_FRAMES, BLOCK))
+    _assert_same_values(tmp_path / "one_pass.zarr", tmp_path / "two_pass.zarr")
+    _assert_same_values(tmp_path / "one_pass.zarr", run_files["clean"])
 
 
 def _assert_same_values(out, expected):

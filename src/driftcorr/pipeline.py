@@ -572,7 +572,11 @@ def correct(
                                      "all of them (it may not be written yet); run again once it is")
                 store.grow_output(location, state.n_frames, frames.shape[0], block, coords)
         plan = setup.plan(cfg)
-        _run_blocks(_registration_tasks(frames, plan, cfg, location, block), label="registering", progress=mode)
+        # Blocks are corrected as they are registered, with the shift they will have unless flagged; the few
+        # blocks whose final shift differs (flagged frames, interpolated) are corrected again below.
+        origin = None if estimate_only else _anchor_origin(frames, setup, plan, cfg)
+        _run_blocks(_registration_tasks(frames, plan, cfg, location, block, origin),
+                    label="registering" if origin is None else "registering and correcting", progress=mode)
         drift = _drift_from_registration(frames, store.read_array(location, store.REGISTRATION), setup, plan, cfg)
         for name in _PER_FRAME:
             store.write_changed_rows(location, name, drift[name].values)
@@ -682,14 +686,32 @@ def _read_block(source) -> np.ndarray:
     return np.asarray(source)
 
 
-def _registration_tasks(frames: xr.DataArray, plan, cfg: CorrectionConfig, location: str, block: int) -> list:
-    """One task per block not yet registered: register it, write its rows, then its done marker."""
+def _anchor_origin(frames: xr.DataArray, setup: _Setup, plan, cfg: CorrectionConfig) -> np.ndarray | None:
+    """The anchor frame's own shift against the reference, which every shift is measured from (None when it
+    cannot be registered: then no block is corrected before the drift is known)."""
+    try:
+        anchor = _read_block(_block_source(frames, setup.anchor, setup.anchor + 1))
+    except Exception:  # a damaged anchor frame is reported with its block
+        return None
+    shift = _register_block(anchor, plan, cfg.upsample_factor)[0, :frames.ndim - 1]
+    return shift if np.all(np.isfinite(shift)) else None
+
+
+def _registration_tasks(frames: xr.DataArray, plan, cfg: CorrectionConfig, location: str, block: int,
+                        origin: np.ndarray | None = None) -> list:
+    """One task per block not yet registered: register it, write its rows, then its done marker.
+
+    With ``origin`` (the anchor frame's shift, see :func:`_anchor_origin`) each task also corrects its block
+    with the shifts measured from it, as :func:`_shift_and_store` would, while its frames are in memory.
+    """
     done = store.read_array(location, store.REGISTERED)
     unreadable = store.read_array(location, store.UNREADABLE)  # retried: the storage may have recovered
     plan_key = dask.delayed(plan, pure=True)
     columns = 2 * (frames.ndim - 1) + 3
+    correction = None if origin is None else (origin, cfg.interpolation_order)
     return [(start, stop, dask.delayed(_register_and_store, pure=False)(
-                _block_source(frames, start, stop), columns, plan_key, cfg.upsample_factor, location, start, k))
+                _block_source(frames, start, stop), columns, plan_key, cfg.upsample_factor, location, start, k,
+                correction))
             for k, start, stop in _blocks(frames.shape[0], block) if done[k] != stop - start or unreadable[k]]
 
 
@@ -708,8 +730,12 @@ def _correction_tasks(frames: xr.DataArray, shifts: np.ndarray, cfg: CorrectionC
 
 
 def _register_and_store(source, columns: int, plan, upsample_factor: float, location: str, start: int,
-                        block: int) -> tuple[str, str] | None:
-    """Register one block and store it; ``("unreadable" | "failed", message)`` when that could not be done."""
+                        block: int, correction: tuple[np.ndarray, int] | None = None) -> tuple[str, str] | None:
+    """Register one block and store it; ``("unreadable" | "failed", message)`` when that could not be done.
+
+    With ``correction`` = (origin, interpolation order) the block is then shifted by its measured shifts minus
+    ``origin`` and stored as corrected (with those shifts as applied).
+    """
     try:
         frames = _read_block(source)
     except Exception as error:  # damaged input chunks: the block's frames are marked invalid
@@ -719,6 +745,11 @@ def _register_and_store(source, columns: int, plan, upsample_factor: float, loca
     try:
         values = _register_block(frames, plan, upsample_factor)
         store.write_block(location, start, {store.REGISTRATION: values}, store.REGISTERED, block)
+        if correction is not None:
+            origin, order = correction
+            shifts = values[:, :len(origin)] - origin
+            store.write_block(location, start, {"corrected": shift_frames(frames, shifts, order=order),
+                                                store.APPLIED_SHIFT: shifts}, store.CORRECTED, block)
     except Exception as error:  # reported with its block by _run_blocks; the other blocks go on
         return "failed", f"{type(error).__name__}: {error}"
     return None
