@@ -1,8 +1,8 @@
 """The layers of DESIGN §2 stay honest: imports only point down (parsed with ``ast``, nothing is imported).
 
-kernels (registration, residual, reference, defects, bandpass, trajectory, warp, synthetic; plus errors)  <  store  <
-pipeline  <  edge (cli, config, demo, report). Only store touches zarr/fsspec; only pipeline builds Dask graphs
-(store may use dask.array to read and write Zarr).
+kernels (registration, residual, reference, defects, bandpass, trajectory, warp, synthetic, threads; plus
+errors)  <  store  <  pipeline  <  edge (cli, config, demo, report). Only store touches zarr/fsspec; only
+pipeline builds Dask graphs (store may use dask.array to read and write Zarr).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ PACKAGE = "driftcorr"
 SOURCE = Path(driftcorr.__file__).resolve().parent
 MODULES = {path.stem: path for path in sorted(SOURCE.glob("*.py"))}
 
-KERNELS = ("registration", "residual", "reference", "defects", "bandpass", "trajectory", "warp", "synthetic")
+KERNELS = ("registration", "residual", "reference", "defects", "bandpass", "trajectory", "warp", "synthetic",
+           "threads")
 UPPER = ("pipeline", "store", "cli", "config", "demo", "report")
 HEAVY = ("dask", "distributed", "zarr", "xarray", "fsspec", "click", "pydantic")
 

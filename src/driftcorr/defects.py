@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from .threads import map_in_threads
+
 #: Invalid regions of at most this many pixels are filled; larger ones stay masked.
 MAX_FILLED_CLUSTER = 25
 _FILL_RADIUS = 2
@@ -186,7 +188,7 @@ def lit_frames(frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persistent: float = _PERSISTENT,
-                   unlit_level: float = 0.02) -> DefectMap:
+                   unlit_level: float = 0.02, workers: int = 1) -> DefectMap:
     """Find hot, dead, stuck and never-lit pixels from a sample of frames spread over a run.
 
     The pattern drifts and its intensity changes, but detector defects and the beam-block stay where they are.
@@ -215,6 +217,8 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
         Fraction of lit frames in which a pixel must misbehave to be a defect.
     unlit_level : float
         Signal level, relative to the frame's 99th percentile, below which a pixel counts as unlit.
+    workers : int
+        Threads examining frames at once (the result does not depend on it).
 
     Returns
     -------
@@ -236,16 +240,21 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
     structure = ndi.generate_binary_structure(ndim, ndim)
     testable = ndi.binary_erosion(user, structure, border_value=1) | ndi.binary_erosion(~user, structure,
                                                                                          border_value=1)
-    # Frame by frame, counting: memory does not grow with the sample (a 1024² sample in float64 is 300 MB a copy).
-    too_bright, too_dark, dim_count = (np.zeros(frame_shape, np.int32) for _ in range(3))
-    for t in np.flatnonzero(lit):
+
+    def misbehaving(t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Too bright, too dark and dim pixels of lit frame ``t``."""
         x = np.asarray(sample[t], dtype=np.float64) - dark[t]
         margin = 5.0 * max(float(_noise_scale(x[None])[0]), 1e-12 * max(float(signal[t]), 1.0))
         # The median of the neighbours is not swayed by a neighbouring defect; "mirror" never counts the pixel.
         around = ndi.rank_filter(x, rank=footprint.sum() // 2, footprint=footprint, mode="mirror")
-        too_bright += x > 2.0 * around + margin
-        too_dark += x < 0.5 * around - margin
-        dim_count += x < max(margin, unlit_level * float(signal[t]))
+        return x > 2.0 * around + margin, x < 0.5 * around - margin, x < max(margin, unlit_level * float(signal[t]))
+
+    # Frame by frame, counting: memory does not grow with the sample (a 1024² sample in float64 is 300 MB a copy).
+    too_bright, too_dark, dim_count = (np.zeros(frame_shape, np.int32) for _ in range(3))
+    for bright, dark_against_neighbours, dim in map_in_threads(misbehaving, np.flatnonzero(lit), workers):
+        too_bright += bright
+        too_dark += dark_against_neighbours
+        dim_count += dim
     n_lit = int(lit.sum())
     hot = (too_bright / n_lit >= persistent) & testable
     dead = (too_dark / n_lit >= persistent) & testable

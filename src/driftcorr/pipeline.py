@@ -164,6 +164,11 @@ def _register_block(block: np.ndarray, plan, upsample_factor: float) -> np.ndarr
     return np.concatenate(columns, axis=1)
 
 
+def _local_threads() -> int:
+    """Threads for the work done here, outside the blocks (the set-up): Dask's ``num_workers``, else the CPUs."""
+    return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
+
+
 def sample_indices(start: int, stop: int, max_frames: int = SAMPLE_FRAMES) -> np.ndarray:
     """Frame indices spread evenly over ``start..stop-1`` (both ends included), plus the first few frames.
 
@@ -213,7 +218,7 @@ def find_defects(frames: xr.DataArray, user_mask, *, detect: bool = True, sample
     if not detect:
         return DefectMap.from_mask(user_mask, frame_shape)
     sample = sample or _Sample(frames)
-    return detect_defects(sample.get(sample_indices(0, frames.shape[0])), user_mask)
+    return detect_defects(sample.get(sample_indices(0, frames.shape[0])), user_mask, workers=_local_threads())
 
 
 def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shift=None, bright_pixels=None,
@@ -234,7 +239,8 @@ def make_reference(frames: xr.DataArray, reference, mask: np.ndarray, *, max_shi
     if spec.kind in ("iterative", "pairs"):
         index = sample_indices(spec.start, spec.stop)
         build = iterative_reference if spec.kind == "iterative" else pairs_reference
-        built = build((sample or _Sample(frames)).get(index), mask, max_shift=max_shift, bright_pixels=bright_pixels)
+        built = build((sample or _Sample(frames)).get(index), mask, max_shift=max_shift, bright_pixels=bright_pixels,
+                      workers=_local_threads())
         anchor = int(index[built.anchor])
         label = f"{spec}: {built.n_frames} aligned frames averaged, anchored on frame {anchor}"
         return built.image, built.mask, label, anchor

@@ -28,6 +28,7 @@ from .defects import find_outliers, intensity_levels, lit_frames
 from .errors import InputError
 from .registration import RegistrationResult, make_plan, register_frames
 from .residual import shifted_mask
+from .threads import map_in_threads
 from .trajectory import flag_frames
 from .warp import shift_frame
 
@@ -166,7 +167,7 @@ def _fill_from_nearest(frame: np.ndarray, nearest) -> np.ndarray:
 
 
 def align_and_average(frames, shifts, mask, template, template_mask, *, min_coverage: float = 0.5,
-                      order: int = 3) -> tuple[np.ndarray, np.ndarray]:
+                      order: int = 3, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Shift frames onto a template, match their intensity to it and average them where they are valid.
 
     Frame-local outliers (pixels far brighter than the template's pattern, :func:`driftcorr.defects.find_outliers`)
@@ -185,6 +186,8 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
         A pixel of the average is valid where at least this fraction of the frames were valid there.
     order : int
         Spline order of the shift.
+    workers : int
+        Threads aligning frames at once (the result does not depend on it).
 
     Returns
     -------
@@ -196,19 +199,29 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
     # A cosmic-ray streak in one of the frames must not be averaged into the reference.
     masks = mask & ~find_outliers(frames, mask, intensity_levels(template, template_mask))
     static_nearest = _nearest_valid(mask)
-    total = np.zeros(frames.shape[1:])
-    count = np.zeros(frames.shape[1:])
-    # One frame at a time: only the running sums are kept, whatever the sample's size.
-    for raw, frame_mask, shift in zip(frames, masks, shifts, strict=True):
+
+    def aligned(t: int):
+        """Frame ``t`` aligned, where it is valid, and its gain and offset against the template (or None)."""
+        frame_mask, shift = masks[t], shifts[t]
         nearest = static_nearest if np.array_equal(frame_mask, mask) else _nearest_valid(frame_mask)
-        frame = shift_frame(_fill_from_nearest(raw, nearest), shift, order=order, cval=np.nan, dtype=np.float64)
+        frame = shift_frame(_fill_from_nearest(frames[t], nearest), shift, order=order, cval=np.nan,
+                            dtype=np.float64)
         ok = (_coverage(frame_mask, shift) > 0.999) & np.isfinite(frame)
         common = ok & template_mask
         if common.sum() < 2:
-            continue
+            return None
         gain, offset = _gain_and_offset(template[common], frame[common])
         if not np.isfinite(gain) or gain <= 0:
+            return None
+        return frame, ok, gain, offset
+
+    total = np.zeros(frames.shape[1:])
+    count = np.zeros(frames.shape[1:])
+    # Summed one frame at a time, in order: only the running sums are kept, whatever the sample's size.
+    for result in map_in_threads(aligned, range(len(frames)), workers):
+        if result is None:
             continue
+        frame, ok, gain, offset = result
         total[ok] += (frame[ok] - offset) / gain
         count[ok] += 1
     used = int(count.max()) if count.size else 0
@@ -241,11 +254,13 @@ def _gain_and_offset(template: np.ndarray, frame: np.ndarray) -> tuple[float, fl
     return gain, float(f_mean - gain * t_mean)
 
 
-def _register_in_batches(plan, frames: np.ndarray, upsample_factor: float) -> RegistrationResult:
-    """:func:`register_frames` over ``frames`` a few at a time (about :data:`BATCH_PIXELS` per batch)."""
+def _register_in_batches(plan, frames: np.ndarray, upsample_factor: float, workers: int = 1) -> RegistrationResult:
+    """:func:`register_frames` over ``frames`` a few at a time (about :data:`BATCH_PIXELS` per batch), ``workers``
+    batches at once."""
     batch = max(1, BATCH_PIXELS // int(np.prod(frames.shape[1:])))
-    parts = [register_frames(plan, frames[start:start + batch], upsample_factor=upsample_factor)
-             for start in range(0, len(frames), batch)]
+    parts = list(map_in_threads(lambda start: register_frames(plan, frames[start:start + batch],
+                                                              upsample_factor=upsample_factor),
+                                range(0, len(frames), batch), workers))
     return RegistrationResult(**{name: np.concatenate([getattr(part, name) for part in parts])
                                  for name in RegistrationResult.__dataclass_fields__})
 
@@ -261,7 +276,8 @@ def _lit_sample(sample) -> tuple[np.ndarray, int]:
 
 
 def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift=None,
-                        upsample_factor: float = 20, min_ncc: float = 0.1, bright_pixels=None) -> BuiltReference:
+                        upsample_factor: float = 20, min_ncc: float = 0.1, bright_pixels=None,
+                        workers: int = 1) -> BuiltReference:
     """Build a low-noise reference by registering a sample of frames and averaging the aligned frames.
 
     The first lit frame of the sample is the anchor: the sample is registered onto it, the trusted frames are
@@ -284,6 +300,8 @@ def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift
         Frames correlating worse are left out of the average.
     bright_pixels : ndarray of bool, optional
         Known static bright pixels (see :func:`driftcorr.registration.make_plan`).
+    workers : int
+        Threads registering and aligning frames at once (the result does not depend on it).
 
     Returns
     -------
@@ -295,11 +313,12 @@ def iterative_reference(sample, mask, *, iterations: int = ITERATIONS, max_shift
     for _ in range(max(int(iterations), 1)):
         plan = make_plan(image, reference_mask=image_mask, moving_mask=mask, max_shift=max_shift,
                          bright_pixels=bright_pixels)
-        result = _register_in_batches(plan, good, upsample_factor)
+        result = _register_in_batches(plan, good, upsample_factor, workers)
         trusted = flag_frames(result.shift, result.ncc, min_ncc=min_ncc)
         if not trusted.any():
             break
-        image, image_mask = align_and_average(good[trusted], result.shift[trusted], mask, image, image_mask)
+        image, image_mask = align_and_average(good[trusted], result.shift[trusted], mask, image, image_mask,
+                                              workers=workers)
         used = int(trusted.sum())
     return BuiltReference(image=image, mask=image_mask, anchor=anchor, n_frames=used)
 
@@ -371,7 +390,8 @@ def _solve_kept(first, second, shifts, sigmas, n_frames, anchor) -> np.ndarray:
 
 
 def pairs_reference(sample, mask, *, neighbours: int = PAIR_NEIGHBOURS, max_shift=None,
-                    upsample_factor: float = 20, min_ncc: float = 0.1, bright_pixels=None) -> BuiltReference:
+                    upsample_factor: float = 20, min_ncc: float = 0.1, bright_pixels=None,
+                    workers: int = 1) -> BuiltReference:
     """Build a low-noise reference from redundant pair registrations of a sample, solved by least squares.
 
     Each lit frame of the sample is registered onto its next ``neighbours`` lit frames; the positions are solved
@@ -386,7 +406,7 @@ def pairs_reference(sample, mask, *, neighbours: int = PAIR_NEIGHBOURS, max_shif
         Valid pixels of every frame.
     neighbours : int
         Following frames each frame is registered onto.
-    max_shift, upsample_factor, min_ncc, bright_pixels
+    max_shift, upsample_factor, min_ncc, bright_pixels, workers
         As for :func:`iterative_reference`; pairs correlating worse than ``min_ncc`` are not used.
 
     Returns
@@ -395,12 +415,16 @@ def pairs_reference(sample, mask, *, neighbours: int = PAIR_NEIGHBOURS, max_shif
     """
     good, anchor = _lit_sample(sample)
     mask = np.asarray(mask, dtype=bool)
-    first, second, shifts, sigmas = [], [], [], []
-    for i in range(good.shape[0] - 1):
+
+    def registered_onto(i: int):
+        """The next ``neighbours`` frames registered onto frame ``i``."""
         others = np.arange(i + 1, min(i + 1 + int(neighbours), good.shape[0]))
         plan = make_plan(good[i], reference_mask=mask, moving_mask=mask, max_shift=max_shift,
                          bright_pixels=bright_pixels)
-        result = register_frames(plan, good[others], upsample_factor=upsample_factor)
+        return others, register_frames(plan, good[others], upsample_factor=upsample_factor)
+
+    first, second, shifts, sigmas = [], [], [], []
+    for i, (others, result) in enumerate(map_in_threads(registered_onto, range(good.shape[0] - 1), workers)):
         trusted = result.ncc >= min_ncc
         # result.shift registers frame j onto frame i: it is position[j] - position[i].
         first.append(np.full(int(trusted.sum()), i))
@@ -413,5 +437,5 @@ def pairs_reference(sample, mask, *, neighbours: int = PAIR_NEIGHBOURS, max_shif
                                    np.concatenate([np.zeros((0, ndim)), *shifts]),
                                    np.concatenate([np.zeros((0, ndim)), *sigmas]), good.shape[0], anchor=0)
     placed = np.all(np.isfinite(positions), axis=1)
-    image, image_mask = align_and_average(good[placed], positions[placed], mask, good[0], mask)
+    image, image_mask = align_and_average(good[placed], positions[placed], mask, good[0], mask, workers=workers)
     return BuiltReference(image=image, mask=image_mask, anchor=anchor, n_frames=int(placed.sum()))
