@@ -87,9 +87,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--frames", type=int, nargs="+", default=[400])
-    parser.add_argument("--sk-frames", type=int, default=12, help="frames of the scikit-image loop")
+    parser.add_argument("--sk-frames", type=int, default=30, help="frames of the scikit-image loop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="folder to keep the data in (default: temporary)")
+    parser.add_argument("--block-frames", type=int, default=None, help="passed to driftcorr (default: its own)")
     args = parser.parse_args(argv)
 
     from driftcorr.store import write_stack
@@ -107,8 +108,9 @@ def main(argv=None) -> int:
             write_stack(run.stack(), raw, overwrite=True)
             np.save(mask, run.beam_block)
             out = root / f"out_{n_frames}.zarr"
+            blocks = [] if args.block_frames is None else ["--block-frames", str(args.block_frames)]
             wall, peak, _ = run_measured([sys.executable, "-m", "driftcorr.cli", "correct", str(raw), str(out),
-                                          "--mask", str(mask), "--overwrite"])
+                                          "--mask", str(mask), "--overwrite", *blocks])
             count = min(args.sk_frames, n_frames)
             sk_wall, sk_peak, stdout = run_measured([sys.executable, "-c", SKIMAGE_LOOP, str(raw),
                                                      str(root / "sk.zarr"), str(mask), str(count)])
