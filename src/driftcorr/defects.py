@@ -256,7 +256,10 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
         too_dark += dark_against_neighbours
         dim_count += dim
     n_lit = int(lit.sum())
-    hot = (too_bright / n_lit >= persistent) & testable
+    # A masked pixel persistently brighter than its neighbours is coded hot even on the mask's inner edge, where
+    # the comparison is not fair: it is not used anyway, and coded hot it is left out of the outlier search
+    # (else it is a frame-local outlier of every frame, and every frame takes the slow per-frame-mask path).
+    hot = (too_bright / n_lit >= persistent) & (testable | ~user)
     dead = (too_dark / n_lit >= persistent) & testable
     spread = np.ptp(sample[lit], axis=0)
     stuck = (spread == 0) & (spread.max() > 0) & ~hot & ~dead
