@@ -12,10 +12,9 @@ Zarr v3 store; best of 3, ms per frame, one thread.
 from __future__ import annotations
 
 import argparse
-import time
 
-import numpy as np
 import zarr
+from timing import best_seconds
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from driftcorr.synthetic import make_run
@@ -28,15 +27,6 @@ CODECS = {
     "blosc zstd1 shuffle": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
     "none": None,
 }
-
-
-def _best(function, repeats: int = 3) -> float:
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv=None) -> int:
@@ -57,8 +47,8 @@ def main(argv=None) -> int:
             def write(array=array, data=data):
                 array[...] = data
 
-            write_s = _best(write)
-            read_s = _best(lambda array=array: array[...])
+            write_s = best_seconds(write)
+            read_s = best_seconds(lambda array=array: array[...])
             stored = sum(len(value) for key, value in store._store_dict.items() if not key.endswith("zarr.json"))
             print(f"{name:16} {label:20} {write_s / args.frames * 1e3:>14.2f} {read_s / args.frames * 1e3:>13.2f} "
                   f"{stored / data.nbytes:>6.2f}")

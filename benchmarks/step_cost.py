@@ -12,22 +12,17 @@ Timings are the best of 3, in ms per frame (``make_plan``: ms per plan), on one 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+from timing import best_seconds
 
 import driftcorr.registration as registration
 from driftcorr.synthetic import make_run
 
 
-def _best_ms(function, repeats: int = 3) -> float:
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+def _best_ms(function) -> float:
+    return best_seconds(function) * 1e3
 
 
 def main(argv=None) -> int:

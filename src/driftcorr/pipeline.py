@@ -753,9 +753,7 @@ def _register_and_store(source, columns: int, plan, upsample_factor: float, loca
         store.write_block(location, start, {store.REGISTRATION: values}, store.REGISTERED, block)
         if correction is not None:
             origin, order = correction
-            shifts = values[:, :len(origin)] - origin
-            store.write_block(location, start, {"corrected": shift_frames(frames, shifts, order=order),
-                                                store.APPLIED_SHIFT: shifts}, store.CORRECTED, block)
+            _shift_and_write(frames, values[:, :len(origin)] - origin, order, location, start, block)
     except Exception as error:  # reported with its block by _run_blocks; the other blocks go on
         return "failed", f"{type(error).__name__}: {error}"
     return None
@@ -772,12 +770,17 @@ def _shift_and_store(source, frame_shape: tuple[int, ...], shifts: np.ndarray, o
                           block, unreadable=True)
         return "unreadable", f"{type(error).__name__}: {error}"
     try:
-        corrected = shift_frames(frames, shifts, order=order)
-        store.write_block(location, start, {"corrected": corrected, store.APPLIED_SHIFT: shifts}, store.CORRECTED,
-                          block)
+        _shift_and_write(frames, shifts, order, location, start, block)
     except Exception as error:  # reported with its block by _run_blocks; the other blocks go on
         return "failed", f"{type(error).__name__}: {error}"
     return None
+
+
+def _shift_and_write(frames: np.ndarray, shifts: np.ndarray, order: int, location: str, start: int,
+                     block: int) -> None:
+    """Shift a block's frames and write them, with the shifts applied, then the block's corrected marker."""
+    store.write_block(location, start, {"corrected": shift_frames(frames, shifts, order=order),
+                                        store.APPLIED_SHIFT: shifts}, store.CORRECTED, block)
 
 
 #: Seconds between progress lines when not writing to a terminal (cron, a log file).

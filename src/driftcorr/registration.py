@@ -420,7 +420,7 @@ def register_frames(
         fill = None
     g = _centred(frames, mask, plan.dtype, ndim, fill=fill)
     if plan.method == "phase":
-        spec_g = np.stack([_rfft_padded(frame, pad, workers) for frame in g])
+        spec_g = _rfft_padded(g, pad, workers)
         product = plan.spec_f * spec_g.conj()
         product /= np.maximum(np.abs(product), np.finfo(plan.dtype).tiny)
         spectra = product[:, None]
@@ -479,16 +479,16 @@ def _correlation_terms(plan: ReferencePlan, g: np.ndarray, masks: np.ndarray | N
     """
     pad = plan.pad_shape
     n_static = 0 if masks is None else 3
-    spec_g = None
+    spectrum = (*pad[:-1], pad[-1] // 2 + 1)
+    spec_g = np.empty((len(g), *spectrum), dtype=plan.spec_f.dtype)
+    spectra = np.empty((len(g), n_static + 3, *spectrum), dtype=plan.spec_f.dtype)
+    maps = np.empty((len(g), n_static + 3, *(2 * d + 1 for d in plan.max_shift)))
     for i, frame in enumerate(g):
-        conj_g = _rfft_padded(frame, pad, workers)
+        conj_g = spec_g[i]
+        conj_g[...] = _rfft_padded(frame, pad, workers)
         np.conjugate(conj_g, out=conj_g)
         conj_g2 = _rfft_padded(frame * frame, pad, workers)
         np.conjugate(conj_g2, out=conj_g2)
-        if spec_g is None:
-            spec_g = np.empty((len(g), *conj_g.shape), dtype=conj_g.dtype)
-            spectra = np.empty((len(g), n_static + 3, *conj_g.shape), dtype=conj_g.dtype)
-        spec_g[i] = conj_g
         terms = spectra[i]
         if masks is not None:
             conj_m = _rfft_padded(np.asarray(masks[i], plan.dtype), pad, workers)
@@ -498,10 +498,7 @@ def _correlation_terms(plan: ReferencePlan, g: np.ndarray, masks: np.ndarray | N
         np.multiply(plan.spec_mf, conj_g, out=terms[n_static])
         np.multiply(plan.spec_mf, conj_g2, out=terms[n_static + 1])
         np.multiply(plan.spec_f, conj_g, out=terms[n_static + 2])
-        window = _irfft_window(terms, pad, plan.max_shift, workers)
-        if i == 0:
-            maps = np.empty((len(g), *window.shape))
-        maps[i] = window
+        maps[i] = _irfft_window(terms, pad, plan.max_shift, workers)
     return spec_g, spectra, maps
 
 

@@ -54,10 +54,10 @@ class ResidualBasis:
     moving_core : ndarray of bool, frame shape
         The same for the moving frames' mask, eroded by ``OFFSET_CELL // 2`` px more (square): moved by a multiple
         ``c`` of :data:`OFFSET_CELL`, it lies inside the moving frames' inner pixels moved by any offset near ``c``.
-    shells : ndarray of int, shape (pixels,), or None
-        Index of each pixel's shell about the reference's centre of symmetry; None: no radial term.
     order : ndarray of int, shape (pixels,)
         Flat pixel indices grouped by shell (stable), so that any subset taken in this order is too.
+    shells : ndarray of int, shape (pixels,), or None
+        Index of each pixel's shell about the reference's centre of symmetry; None: no radial term.
     centre : ndarray, shape (ndim,), or None
         That centre, px (array axis order).
     """
@@ -65,9 +65,9 @@ class ResidualBasis:
     columns: np.ndarray
     inner: np.ndarray
     moving_core: np.ndarray
+    order: np.ndarray
     shells: np.ndarray | None = None
     centre: np.ndarray | None = None
-    order: np.ndarray | None = None
 
 
 def residual_basis(f: np.ndarray, reference_mask: np.ndarray, moving_mask: np.ndarray,
@@ -264,12 +264,9 @@ def residual_step(basis: ResidualBasis, spectra_conj: np.ndarray, masks: np.ndar
     tiles = _tile_labels(frame_shape) if clustered else None
     sides: dict = {}  # frames whose used pixels are the same share the reference side of the fit
     for k, t in enumerate(rows):
-        if per_frame:
-            offset = tuple(int(v) for v in np.round(shift[t]))
-            key = (t, *offset)
-        else:
-            offset = tuple(int(v) * OFFSET_CELL for v in np.round(shift[t] / OFFSET_CELL))
-            key = offset
+        cell = 1 if per_frame else OFFSET_CELL
+        offset = tuple(int(v) * cell for v in np.round(shift[t] / cell))
+        key = (t, *offset) if per_frame else offset
         if key not in sides:
             inner = inner_pixels(masks[t]) if per_frame else basis.moving_core
             sides[key] = _used_pixels(basis, (shifted_mask(inner, offset) & basis.inner).ravel(), tiles)
