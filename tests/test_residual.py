@@ -65,3 +65,21 @@ def test_isolated_masked_pixels_are_not_edges():
     assert not inner[10, 10] and inner[10, 11] and inner[9, 10]
     assert not inner[20 - RESIDUAL_MARGIN, 25] and inner[20 - RESIDUAL_MARGIN - 1, 25]
     assert not inner[:RESIDUAL_MARGIN].any() and inner[RESIDUAL_MARGIN, 5]
+
+
+def test_used_pixels_are_kept_between_blocks_and_change_nothing(ring_gain_run, monkeypatch):
+    """The reference side of the fit over a set of used pixels is built once per plan, not once per block."""
+    import driftcorr.residual as residual
+
+    run, stack = ring_gain_run
+    plan = make_plan(stack[0], reference_mask=run.beam_block)
+    built = []
+    original = residual._used_pixels
+    monkeypatch.setattr(residual, "_used_pixels", lambda *args: built.append(1) or original(*args))
+    whole = register_frames(plan, stack[:16])
+    first = len(built)
+    assert first >= 1
+    blocks = [register_frames(plan, stack[start:start + 4]) for start in range(0, 16, 4)]
+    assert len(built) == first  # every offset cell was kept from the first call
+    for name in ("shift", "sigma"):
+        np.testing.assert_array_equal(np.concatenate([getattr(b, name) for b in blocks]), getattr(whole, name))

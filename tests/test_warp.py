@@ -45,3 +45,18 @@ def test_bad_shifts_are_refused():
         shift_frames(np.zeros((2, 8, 8)), np.zeros((3, 2)))
     with pytest.raises(InputError, match="order"):
         shift_frames(np.zeros((1, 8, 8)), np.zeros((1, 2)), order=6)
+
+
+@pytest.mark.parametrize("order", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_frames_of_many_tiles_equal_scipy_shift(order, dtype):
+    """Frames long enough that each axis operator is assembled from a model line (first, middle, last tiles)."""
+    rng = np.random.default_rng(10 + order)
+    frames = (ndi.gaussian_filter(rng.random((3, 260, 1100)), (0, 1.5, 1.5)) * 4000
+              + rng.poisson(40, (3, 260, 1100))).astype(np.uint16)
+    shifts = np.array([[2.3, -1.7], [-7.49, 0.001], [0.0, 40.5]])
+    out = shift_frames(frames, shifts, order=order, dtype=dtype)
+    expected = _scipy(frames, shifts, order, dtype)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    tolerance = 1e-6 * 4000 if dtype == np.float32 else 1e-9
+    np.testing.assert_allclose(out, expected, atol=tolerance, rtol=0)

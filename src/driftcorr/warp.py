@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import InputError
+
+#: Rows of an axis operator applied by one matrix product (see :func:`_axis_operator`).
+TILE = 32
+#: Entries of an axis operator smaller than this fraction of the work dtype's epsilon are left out.
+_NEGLIGIBLE = 1 / 16
 
 
 def shift_frames(frames, shifts, *, order: int = 3, cval: float = np.nan, dtype=np.float32) -> np.ndarray:
@@ -44,35 +51,20 @@ def shift_frames(frames, shifts, *, order: int = 3, cval: float = np.nan, dtype=
 def shift_frame(frame, shift, *, order: int = 3, cval: float = np.nan, dtype=np.float32) -> np.ndarray:
     """Shift one frame by a constant (subpixel) shift: what ``scipy.ndimage.shift`` does, faster.
 
-    The shift is the same for every pixel, so the spline interpolation is a short filter per axis (its taps are
-    the interpolation weights at the fractional shift, read from ``scipy.ndimage.shift`` itself) after the spline
-    prefilter, followed by a whole-pixel move. Pixels whose source lies outside the frame get ``cval`` (as
-    ``mode="constant"``); the others equal ``scipy.ndimage.shift(frame, shift, order, mode="constant")`` to
-    rounding (computed in float32 when ``dtype`` is float32, else float64). About 3.5 times as fast at 512².
+    The shift is the same for every pixel, so along each axis the spline prefilter followed by the interpolation
+    at the shift's fraction is one fixed linear operator: a band matrix (the prefilter's response decays
+    geometrically), applied by a few matrix products, then a whole-pixel move. Pixels whose source lies outside the
+    frame get ``cval`` (as ``mode="constant"``); the others equal
+    ``scipy.ndimage.shift(frame, shift, order, mode="constant")`` to rounding (computed in float32 when ``dtype``
+    is float32, else float64). About 4 times as fast as filtering each axis at 512² (15 times scipy's).
     """
     dtype = np.dtype(dtype)
-    work = np.float32 if dtype == np.float32 else np.float64
+    work = np.dtype(np.float32 if dtype == np.float32 else np.float64)
     shift = np.asarray(shift, dtype=np.float64)
     out = np.full(frame.shape, cval, dtype=dtype)
     if not np.all(np.isfinite(shift)):
         return out
     frame = np.asarray(frame)
-    ndim = frame.ndim
-    fractions = shift - np.floor(shift)
-    # Each axis is filtered where it is the last, contiguous one (several times faster than along a strided axis):
-    # the conversion copy puts axis 0 last, then each pass moves the last axis to the front.
-    axes = [*range(1, ndim), 0]  # the frame's axis at each position of coef
-    coef = np.empty([frame.shape[a] for a in axes], dtype=work)
-    coef[...] = frame.transpose(axes)
-    roll = [ndim - 1, *range(ndim - 1)]
-    for step in range(ndim):
-        if order > 1:
-            ndi.spline_filter1d(coef, order=order, axis=-1, mode="mirror", output=coef)
-        coef = ndi.correlate1d(coef, _interpolation_taps(float(fractions[axes[-1]]), order), axis=-1, mode="mirror")
-        if step < ndim - 1:
-            coef = np.ascontiguousarray(coef.transpose(roll))
-            axes = [axes[a] for a in roll]
-    coef = coef.transpose(np.argsort(axes))
     source, target = [], []
     for size, move in zip(frame.shape, shift, strict=True):
         # Output pixel x comes from x - move, which must lie in [0, size - 1].
@@ -82,8 +74,72 @@ def shift_frame(frame, shift, *, order: int = 3, cval: float = np.nan, dtype=np.
         step = int(np.floor(move))
         target.append(slice(first, last + 1))
         source.append(slice(first - step, last + 1 - step))
+    coef = np.asarray(frame, dtype=work)
+    for axis, move in enumerate(shift):
+        operator = _axis_operator(frame.shape[axis], float(move - np.floor(move)), order, work)
+        coef = _apply_along(coef, axis, operator)
     out[tuple(target)] = coef[tuple(source)]
     return out
+
+
+def _apply_along(values: np.ndarray, axis: int, operator) -> np.ndarray:
+    """``operator`` (from :func:`_axis_operator`) applied along ``axis``: one matrix product per band tile."""
+    size = values.shape[axis]
+    before = int(np.prod(values.shape[:axis]))
+    last = axis == values.ndim - 1
+    x = values.reshape(-1, size) if last else values.reshape(before, size, -1)
+    out = np.empty(x.shape, dtype=values.dtype)
+    for rows, cols, block in operator:
+        if last:
+            np.matmul(x[:, cols], block.T, out=out[:, rows])
+        else:
+            np.matmul(block, x[:, cols], out=out[:, rows])
+    return out.reshape(values.shape)
+
+
+@lru_cache(maxsize=32)
+def _prefilter(size: int, order: int) -> np.ndarray:
+    """The spline prefilter of a line of ``size`` px (``scipy.ndimage.spline_filter1d``, mirror) as a matrix."""
+    identity = np.eye(size)
+    return ndi.spline_filter1d(identity, order=order, axis=0, mode="mirror") if order > 1 else identity
+
+
+@lru_cache(maxsize=16)
+def _reach(order: int, work: str) -> int:
+    """How far (px) the prefilter and the interpolation taps reach before their weights fall below
+    :data:`_NEGLIGIBLE` of the ``work`` dtype's epsilon."""
+    size = 1024
+    response = np.abs(_prefilter(size, order)[:, size // 2])
+    kept = np.flatnonzero(response > response.max() * np.finfo(np.dtype(work)).eps * _NEGLIGIBLE)
+    return int(np.abs(kept - size // 2).max()) + order // 2 + 1
+
+
+def _axis_operator(size: int, fraction: float, order: int, work: np.dtype) -> list:
+    """The prefilter and the interpolation at ``fraction`` along a line of ``size`` px, as band tiles.
+
+    Returns ``(rows, cols, block)`` triples: the operator's rows ``rows`` are ``block`` (``work`` dtype) on the
+    columns ``cols`` and zero elsewhere. The operator is ``correlate1d(spline_filter1d(eye), taps)`` with
+    ``scipy.ndimage``'s mirror boundaries, computed on a model line of at most five tiles whose first two and
+    last two tiles are those of the full line and whose middle tile stands for every other one: away from the
+    ends the operator is the same along the line, up to entries below the work precision, which are dropped.
+    """
+    reach = _reach(order, work.str)
+    tile = max(TILE, 2 * reach)
+    tiles = -(-size // tile)
+    model_size = size - tile * max(tiles - 5, 0)
+    model = ndi.correlate1d(_prefilter(model_size, order), _interpolation_taps(fraction, order), axis=0,
+                            mode="mirror").astype(work)
+
+    def band(k: int, line: int) -> tuple[slice, slice]:
+        start, stop = k * tile, min((k + 1) * tile, line)
+        return slice(start, stop), slice(max(start - reach, 0), min(stop + reach, line))
+
+    blocks = []
+    for k in range(tiles):
+        like = k if k < 2 or tiles <= 5 else max(k - (tiles - 5), 2)
+        rows, cols = band(like, model_size)
+        blocks.append((*band(k, size), np.ascontiguousarray(model[rows, cols])))
+    return blocks
 
 
 def _interpolation_taps(fraction: float, order: int) -> np.ndarray:
