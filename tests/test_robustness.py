@@ -217,6 +217,22 @@ def test_lit_frames_all_lit_and_all_nan():
     assert not lit.any() and np.isnan(dark).all()
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32])
+@pytest.mark.parametrize("shape", [(1, 7), (2, 2), (5, 9), (64, 48)])
+def test_neighbour_median_is_scipys_rank_filter(dtype, shape):
+    """The sorting network on integer frames gives exactly the rank filter's values (ties, edges, tiny frames)."""
+    from driftcorr.defects import neighbour_median
+
+    rng = np.random.default_rng(shape[0] * 100 + shape[1])
+    frame = rng.integers(0, 6 if shape[0] > 8 else 200, shape).astype(dtype)  # many ties in the large frame
+    footprint = np.ones((3, 3), bool)
+    footprint[1, 1] = False
+    expected = ndi.rank_filter(frame.astype(np.float64), rank=4, footprint=footprint, mode="mirror")
+    found = neighbour_median(frame)
+    assert found.dtype == np.float64
+    np.testing.assert_array_equal(found, expected)
+
+
 # --------------------------------------------------------------------------------- outliers and levels
 def test_find_outliers_finds_and_grows_a_streak(pattern_run, pattern_stack):
     mask = pattern_run.mask
@@ -237,6 +253,18 @@ def test_find_outliers_finds_and_grows_a_streak(pattern_run, pattern_stack):
     expected = np.zeros(SHAPE, bool)
     expected[20, 10:111] = True
     assert np.array_equal(bare[0], expected & mask)
+
+
+def test_find_outliers_the_same_on_integer_frames_and_their_float_copy():
+    """Integer frames take an exact integer path to their mean level; it must agree with the float path."""
+    run = make_run(8, (96, 96), seed=6, n_cosmic=3, n_beam_off=0)
+    counts = run.stack()
+    assert counts.dtype == np.uint16
+    levels = intensity_levels(counts[0].astype(np.float64), run.mask)
+    for mask in (run.mask, ~run.mask | run.beam_block):  # few pixels left out, then most
+        found = find_outliers(counts, mask, levels)
+        assert np.array_equal(found, find_outliers(counts.astype(np.float64), mask, levels))
+    assert find_outliers(counts, run.mask, levels).reshape(8, -1).any(axis=1).sum() >= 1
 
 
 def test_find_outliers_finds_synthetic_cosmic_rays():

