@@ -547,23 +547,24 @@ def _quadratic_step(values: np.ndarray, h: float):
     grad = np.empty((n, ndim))
     hess = np.empty((n, ndim, ndim))
     f0 = values[(slice(None), *centre)]
-    for a in range(ndim):
-        plus = list(centre)
-        minus = list(centre)
-        plus[a], minus[a] = 2, 0
-        fp = values[(slice(None), *plus)]
-        fm = values[(slice(None), *minus)]
-        grad[:, a] = (fp - fm) / (2 * h)
-        hess[:, a, a] = (fp - 2 * f0 + fm) / h**2
-        for b in range(a + 1, ndim):
-            corner = {}
-            for sa in (0, 2):
-                for sb in (0, 2):
-                    idx = list(centre)
-                    idx[a], idx[b] = sa, sb
-                    corner[sa, sb] = values[(slice(None), *idx)]
-            cross = (corner[2, 2] - corner[2, 0] - corner[0, 2] + corner[0, 0]) / (4 * h**2)
-            hess[:, a, b] = hess[:, b, a] = cross
+    with np.errstate(invalid="ignore"):  # a stencil reaching an undefined lag (-inf): NaN, so no step
+        for a in range(ndim):
+            plus = list(centre)
+            minus = list(centre)
+            plus[a], minus[a] = 2, 0
+            fp = values[(slice(None), *plus)]
+            fm = values[(slice(None), *minus)]
+            grad[:, a] = (fp - fm) / (2 * h)
+            hess[:, a, a] = (fp - 2 * f0 + fm) / h**2
+            for b in range(a + 1, ndim):
+                corner = {}
+                for sa in (0, 2):
+                    for sb in (0, 2):
+                        idx = list(centre)
+                        idx[a], idx[b] = sa, sb
+                        corner[sa, sb] = values[(slice(None), *idx)]
+                cross = (corner[2, 2] - corner[2, 0] - corner[0, 2] + corner[0, 0]) / (4 * h**2)
+                hess[:, a, b] = hess[:, b, a] = cross
     step = np.full((n, ndim), np.nan)
     good = np.all(np.isfinite(hess), axis=(1, 2)) & np.all(np.isfinite(grad), axis=1)
     if good.any():
