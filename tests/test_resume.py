@@ -148,7 +148,7 @@ def test_blocks_are_corrected_as_they_are_registered(run_files, tmp_path, monkey
     shift_and_store = pipeline._shift_and_store
 
     def spy(source, frame_shape, shifts, *args):
-        shifted_again.append(args[-2])  # the block's first frame
+        shifted_again.append(args[2])  # the block's first frame (after order and location)
         return shift_and_store(source, frame_shape, shifts, *args)
 
     monkeypatch.setattr(pipeline, "_shift_and_store", spy)
@@ -163,6 +163,24 @@ def test_blocks_are_corrected_as_they_are_registered(run_files, tmp_path, monkey
     assert sorted(shifted_again) == list(range(0, N_FRAMES, BLOCK))
     _assert_same_values(tmp_path / "one_pass.zarr", tmp_path / "two_pass.zarr")
     _assert_same_values(tmp_path / "one_pass.zarr", run_files["clean"])
+
+
+def test_a_clean_run_leaves_the_unreadable_record_alone(run_files, tmp_path, monkeypatch):
+    """Each block's record of being unreadable is written only where one was made (a small write saved per block);
+    the record itself is checked by tests/test_damaged_input.py."""
+    from driftcorr import store
+
+    records = []
+    write_block = store.write_block
+
+    def spy(*args, unreadable=False):
+        records.append(unreadable)
+        return write_block(*args, unreadable=unreadable)
+
+    monkeypatch.setattr(store, "write_block", spy)
+    with dask.config.set(scheduler="synchronous"):
+        correct(run_files["raw"], tmp_path / "out.zarr", mask=np.load(run_files["mask"]), block_frames=BLOCK)
+    assert len(records) >= N_FRAMES // BLOCK and set(records) == {None}
 
 
 def _assert_same_values(out, expected):

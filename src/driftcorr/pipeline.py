@@ -717,7 +717,7 @@ def _registration_tasks(frames: xr.DataArray, plan, cfg: CorrectionConfig, locat
     correction = None if origin is None else (origin, cfg.interpolation_order)
     return [(start, stop, dask.delayed(_register_and_store, pure=False)(
                 _block_source(frames, start, stop), columns, plan_key, cfg.upsample_factor, location, start, k,
-                correction))
+                correction, bool(unreadable[k])))
             for k, start, stop in _blocks(frames.shape[0], block) if done[k] != stop - start or unreadable[k]]
 
 
@@ -729,18 +729,20 @@ def _correction_tasks(frames: xr.DataArray, shifts: np.ndarray, cfg: CorrectionC
     unreadable = store.read_array(location, store.UNREADABLE)
     return [(start, stop, dask.delayed(_shift_and_store, pure=False)(
                 _block_source(frames, start, stop), tuple(frames.shape[1:]), shifts[start:stop],
-                cfg.interpolation_order, location, start, k))
+                cfg.interpolation_order, location, start, k, bool(unreadable[k])))
             for k, start, stop in _blocks(frames.shape[0], block)
             if done[k] != stop - start or unreadable[k]
             or not np.array_equal(applied[start:stop], shifts[start:stop], equal_nan=True)]
 
 
 def _register_and_store(source, columns: int, plan, upsample_factor: float, location: str, start: int,
-                        block: int, correction: tuple[np.ndarray, int] | None = None) -> tuple[str, str] | None:
+                        block: int, correction: tuple[np.ndarray, int] | None = None,
+                        recorded_unreadable: bool = True) -> tuple[str, str] | None:
     """Register one block and store it; ``("unreadable" | "failed", message)`` when that could not be done.
 
-    With ``correction`` = (origin, interpolation order) the block is then shifted by its measured shifts minus
-    ``origin`` and stored as corrected (with those shifts as applied).
+    With ``correction`` = (origin, interpolation order) the block is also shifted by its measured shifts minus
+    ``origin`` and stored as corrected (with those shifts as applied), in the same write: data, then markers.
+    ``recorded_unreadable``: the output records the block as unreadable (a readable block clears the record).
     """
     try:
         frames = _read_block(source)
@@ -750,17 +752,19 @@ def _register_and_store(source, columns: int, plan, upsample_factor: float, loca
         return "unreadable", f"{type(error).__name__}: {error}"
     try:
         values = _register_block(frames, plan, upsample_factor)
-        store.write_block(location, start, {store.REGISTRATION: values}, store.REGISTERED, block)
+        arrays, markers = {store.REGISTRATION: values}, (store.REGISTERED,)
         if correction is not None:
             origin, order = correction
-            _shift_and_write(frames, values[:, :len(origin)] - origin, order, location, start, block)
+            arrays.update(_corrected_arrays(frames, values[:, :len(origin)] - origin, order))
+            markers += (store.CORRECTED,)
+        store.write_block(location, start, arrays, markers, block, unreadable=False if recorded_unreadable else None)
     except Exception as error:  # reported with its block by _run_blocks; the other blocks go on
         return "failed", f"{type(error).__name__}: {error}"
     return None
 
 
 def _shift_and_store(source, frame_shape: tuple[int, ...], shifts: np.ndarray, order: int, location: str,
-                     start: int, block: int) -> tuple[str, str] | None:
+                     start: int, block: int, recorded_unreadable: bool = True) -> tuple[str, str] | None:
     """Shift one block and store it; an unreadable block is stored as NaN frames."""
     try:
         frames = _read_block(source)
@@ -770,17 +774,16 @@ def _shift_and_store(source, frame_shape: tuple[int, ...], shifts: np.ndarray, o
                           block, unreadable=True)
         return "unreadable", f"{type(error).__name__}: {error}"
     try:
-        _shift_and_write(frames, shifts, order, location, start, block)
+        store.write_block(location, start, _corrected_arrays(frames, shifts, order), store.CORRECTED, block,
+                          unreadable=False if recorded_unreadable else None)
     except Exception as error:  # reported with its block by _run_blocks; the other blocks go on
         return "failed", f"{type(error).__name__}: {error}"
     return None
 
 
-def _shift_and_write(frames: np.ndarray, shifts: np.ndarray, order: int, location: str, start: int,
-                     block: int) -> None:
-    """Shift a block's frames and write them, with the shifts applied, then the block's corrected marker."""
-    store.write_block(location, start, {"corrected": shift_frames(frames, shifts, order=order),
-                                        store.APPLIED_SHIFT: shifts}, store.CORRECTED, block)
+def _corrected_arrays(frames: np.ndarray, shifts: np.ndarray, order: int) -> dict:
+    """A block's frames shifted by ``shifts``, and those shifts, by their paths in the output."""
+    return {"corrected": shift_frames(frames, shifts, order=order), store.APPLIED_SHIFT: shifts}
 
 
 #: Seconds between progress lines when not writing to a terminal (cron, a log file).

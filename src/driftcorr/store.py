@@ -161,14 +161,23 @@ class FrameReader:
         frames = array[start:stop]
         fill = array.metadata.fill_value
         flat = frames.reshape(len(frames), -1)
-        unwritten = np.all((flat == fill) | (np.isnan(flat) & np.isnan(fill)) if frames.dtype.kind == "f"
-                           else flat == fill, axis=1)
+        unwritten = np.zeros(len(flat), dtype=bool)
+        # Only frames whose first pixel holds the fill value can hold nothing else: the others are not compared.
+        for i in np.flatnonzero(_is_fill(flat[:, 0], fill)):
+            unwritten[i] = _is_fill(flat[i], fill).all()
         if unwritten.any():
             # Nothing but the fill value: a chunk not written (yet). The block is retried by the next run, so
             # frames appended by resizing the array before writing them are registered once they are written.
             raise FileNotFoundError(f"frames {start + int(np.argmax(unwritten))}.. hold only the fill value "
                                     "(chunk missing or not written yet)")
         return frames
+
+
+def _is_fill(values: np.ndarray, fill) -> np.ndarray:
+    """Where ``values`` equal an array's fill value (NaN equals a NaN fill value)."""
+    if values.dtype.kind == "f":
+        return (values == fill) | (np.isnan(values) & np.isnan(fill))
+    return values == fill
 
 
 def frame_reader(frames: xr.DataArray) -> FrameReader | None:
@@ -580,8 +589,9 @@ def grow_output(output, old: int, n_frames: int, block_frames: int, frame_coords
     set_attributes(location, {COMMITTED_ATTR: int(n_frames)}, status=STATUS_INCOMPLETE)
 
 
-def write_block(output, start: int, arrays: dict, marker: str, block: int, *, unreadable: bool = False) -> None:
-    """Write one block's data, then its done marker (the number of frames it holds).
+def write_block(output, start: int, arrays: dict, markers: str | tuple[str, ...], block: int, *,
+                unreadable: bool | None = False) -> None:
+    """Write one block's data, then its done markers (the number of frames it holds).
 
     Parameters
     ----------
@@ -589,21 +599,25 @@ def write_block(output, start: int, arrays: dict, marker: str, block: int, *, un
         First frame of the block.
     arrays : dict of str to ndarray
         Array path in the output to the block's values (frames along the first axis).
-    marker : str
-        Path of the marker array (:data:`REGISTERED` or :data:`CORRECTED`).
+    markers : str or tuple of str
+        Paths of the marker arrays (:data:`REGISTERED`, :data:`CORRECTED`), written in order after all the data.
     block : int
         Index of the block.
-    unreadable : bool
-        The block's input frames could not be read (recorded in :data:`UNREADABLE`).
+    unreadable : bool or None
+        The block's input frames could not be read (recorded in :data:`UNREADABLE`); None leaves the record as
+        it is (the caller knows it is clear).
     """
     group = _open_output(_location(output), "r+")
     count = 0
     for name, values in arrays.items():
         values = np.asarray(values)
-        group[name][start:start + values.shape[0]] = values
+        # Whole chunks of computed values: no need for Zarr to look for chunks that hold only the fill value.
+        group[name].with_config({"write_empty_chunks": True})[start:start + values.shape[0]] = values
         count = values.shape[0]
-    group[UNREADABLE][block] = int(unreadable)  # a block read after all is no longer reported
-    group[marker][block] = count
+    if unreadable is not None:
+        group[UNREADABLE][block] = int(unreadable)  # a block read after all is no longer reported
+    for marker in (markers,) if isinstance(markers, str) else markers:
+        group[marker][block] = count
 
 
 def read_array(output, name: str) -> np.ndarray:
