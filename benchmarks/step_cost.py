@@ -1,4 +1,5 @@
-"""What the final residual step costs: ``register_frames`` with it and with it stubbed out, and ``make_plan``.
+"""What the final residual step costs: ``register_frames`` with it and with it stubbed out, and ``make_plan``;
+and what shifting the registered frames costs (``shift_frames``, cubic, float32).
 
 Run from the repository root::
 
@@ -18,6 +19,7 @@ from threadpoolctl import threadpool_limits
 from timing import best_seconds
 
 import driftcorr.registration as registration
+from driftcorr.warp import shift_frames
 from driftcorr.synthetic import make_run
 
 
@@ -41,6 +43,10 @@ def main(argv=None) -> int:
                 registration.register_frames(plan, stack[start:start + args.block], workers=1)
 
         with_step = _best_ms(register_all) / args.frames
+        blocks = [(stack[start:start + args.block], registration.register_frames(plan, stack[start:start + args.block],
+                                                                                 workers=1).shift)
+                  for start in range(0, args.frames, args.block)]
+        shift_ms = _best_ms(lambda: [shift_frames(frames, shifts) for frames, shifts in blocks]) / args.frames
         original = registration.residual_step
         registration.residual_step = lambda basis, spectra, masks, shift, ok, pad, **_: (shift, np.full_like(shift,
                                                                                                          np.nan))
@@ -54,6 +60,7 @@ def main(argv=None) -> int:
     print(f"{args.size}², {args.frames} frames in blocks of {args.block}, one thread")
     print(f"register_frames with the step     {with_step:7.1f} ms/frame")
     print(f"register_frames, step stubbed out {without_step:7.1f} ms/frame")
+    print(f"shift_frames (cubic)              {shift_ms:7.1f} ms/frame")
     print(f"make_plan                         {plan_ms:7.0f} ms ({plain_plan_ms:.0f} without the symmetry centre)")
     return 0
 

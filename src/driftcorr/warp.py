@@ -99,16 +99,19 @@ def _apply_along(values: np.ndarray, axis: int, operator) -> np.ndarray:
 
 @lru_cache(maxsize=32)
 def _prefilter(size: int, order: int) -> np.ndarray:
-    """The spline prefilter of a line of ``size`` px (``scipy.ndimage.spline_filter1d``, mirror) as a matrix."""
+    """The spline prefilter of a line of ``size`` px (``scipy.ndimage.spline_filter1d``, mirror) as a matrix
+    (read-only: it is cached)."""
     identity = np.eye(size)
-    return ndi.spline_filter1d(identity, order=order, axis=0, mode="mirror") if order > 1 else identity
+    matrix = ndi.spline_filter1d(identity, order=order, axis=0, mode="mirror") if order > 1 else identity
+    matrix.setflags(write=False)
+    return matrix
 
 
 @lru_cache(maxsize=16)
 def _reach(order: int, work: str) -> int:
     """How far (px) the prefilter and the interpolation taps reach before their weights fall below
     :data:`_NEGLIGIBLE` of the ``work`` dtype's epsilon."""
-    size = 1024
+    size = 256  # the weights of order 5 fall below float64's precision within ~50 px
     response = np.abs(_prefilter(size, order)[:, size // 2])
     kept = np.flatnonzero(response > response.max() * np.finfo(np.dtype(work)).eps * _NEGLIGIBLE)
     return int(np.abs(kept - size // 2).max()) + order // 2 + 1
