@@ -19,8 +19,8 @@ from threadpoolctl import threadpool_limits
 from timing import best_seconds
 
 import driftcorr.registration as registration
-from driftcorr.warp import shift_frames
 from driftcorr.synthetic import make_run
+from driftcorr.warp import shift_frames
 
 
 def _best_ms(function) -> float:
