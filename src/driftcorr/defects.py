@@ -198,6 +198,15 @@ def neighbour_median(frame: np.ndarray) -> np.ndarray:
     ``scipy.ndimage.rank_filter`` with the 3x3 (3x3x3) footprint without its centre, rank 4 (13). Integer 2-D
     frames go through a sorting network on their 8 shifted copies instead: the same values, 9 times as fast at
     512² (2.5 ms a frame).
+
+    Parameters
+    ----------
+    frame : array_like, 2-D or 3-D
+        One frame (any real dtype).
+
+    Returns
+    -------
+    ndarray, float64, the frame's shape
     """
     frame = np.asarray(frame)
     if frame.ndim != 2 or frame.dtype.kind not in "biu":
