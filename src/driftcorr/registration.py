@@ -484,9 +484,7 @@ def _correlation_terms(plan: ReferencePlan, g: np.ndarray, masks: np.ndarray | N
     spectra = np.empty((len(g), n_static + 3, *spectrum), dtype=plan.spec_f.dtype)
     maps = np.empty((len(g), n_static + 3, *(2 * d + 1 for d in plan.max_shift)))
     for i, frame in enumerate(g):
-        conj_g = spec_g[i]
-        conj_g[...] = _rfft_padded(frame, pad, workers)
-        np.conjugate(conj_g, out=conj_g)
+        conj_g = np.conjugate(_rfft_padded(frame, pad, workers), out=spec_g[i])  # stored conjugated in one pass
         conj_g2 = _rfft_padded(frame * frame, pad, workers)
         np.conjugate(conj_g2, out=conj_g2)
         terms = spectra[i]
